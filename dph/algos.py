@@ -1,0 +1,186 @@
+"""GRPO pieces: group-relative advantages, the PPO clipped policy loss, loss aggregation.
+
+Shapes: B sequences, T response positions; `mask` [B, T] is 1 (or True) on valid response tokens.
+Math functions return `(tensor, metrics)`; metric values are detached 0-dim tensors (no device
+sync here) whose keys, prefixed with "train/", are names documented in dph.metrics.METRICS.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+LOG_RATIO_CLAMP = 20.0  # |log pi/pi_old| is clamped to this before exp (as in verl)
+
+
+def group_advantages(
+    rewards: Tensor, group_size: int, *, norm_by_std: bool = True, eps: float = 1e-6
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """GRPO advantages: A = (r - group mean) / (group std + eps), one value per sequence.
+
+    rewards: [B * G], the G responses of each prompt consecutive. The std is the unbiased sample
+    std (as in verl and TRL); norm_by_std=False gives the Dr. GRPO advantage r - group mean.
+    Groups whose rewards are all equal (including G = 1) get exactly 0: they carry no signal.
+    metrics: reward_mean; zero_std_frac, the fraction of groups without signal.
+    """
+    if rewards.dim() != 1:
+        raise ValueError(f"rewards must be 1-D [B * G], got shape {tuple(rewards.shape)}")
+    if group_size < 1 or rewards.numel() % group_size != 0:
+        raise ValueError(
+            f"{rewards.numel()} rewards do not split into groups of group_size={group_size}"
+        )
+    if not rewards.is_floating_point():
+        rewards = rewards.float()
+    grouped = rewards.view(-1, group_size)  # [B, G]
+    centred = grouped - grouped.mean(dim=1, keepdim=True)
+    no_signal = grouped.amax(dim=1) == grouped.amin(dim=1)  # [B]
+    if norm_by_std and group_size > 1:
+        centred = centred / (grouped.std(dim=1, unbiased=True, keepdim=True) + eps)
+    adv = torch.where(no_signal[:, None], torch.zeros_like(centred), centred).view(-1)
+    metrics = {
+        "reward_mean": grouped.mean().detach(),
+        "zero_std_frac": no_signal.float().mean().detach(),
+    }
+    return adv, metrics
+
+
+def ppo_clip_loss(
+    logp: Tensor,
+    old_logp: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    clip_low: float,
+    clip_high: float,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Per-token PPO clipped loss -min(r A, clip(r, 1 - clip_low, 1 + clip_high) A), r = pi/pi_old.
+
+    logp, old_logp, mask: [B, T]; advantages: [B] (one per sequence) or [B, T].
+    Returns the [B, T] loss, 0 on invalid tokens (aggregate it with agg_loss). clip_high > clip_low
+    is DAPO's clip-higher. The gradient is zero where the clipped branch is taken.
+    metrics over valid tokens: clip_frac (fraction where the clipped branch is taken), ratio_mean,
+    approx_kl (k3 estimate of KL(pi_old || pi): r - 1 - log r).
+    """
+    if advantages.dim() == 1:
+        advantages = advantages[:, None]
+    advantages = advantages.to(logp.dtype)
+    valid = mask.bool()
+    log_ratio = (logp - old_logp).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    ratio = torch.exp(log_ratio)
+    unclipped = -ratio * advantages
+    clipped = -ratio.clamp(1.0 - clip_low, 1.0 + clip_high) * advantages
+    loss = torch.maximum(unclipped, clipped)
+    loss = torch.where(valid, loss, torch.zeros_like(loss))
+
+    with torch.no_grad():
+        n = valid.sum().clamp(min=1)
+        zero = torch.zeros_like(ratio)
+        metrics = {
+            "clip_frac": ((clipped > unclipped) & valid).sum() / n,
+            "ratio_mean": torch.where(valid, ratio, zero).sum() / n,
+            "approx_kl": torch.where(valid, torch.expm1(log_ratio) - log_ratio, zero).sum() / n,
+        }
+    return loss, metrics
+
+
+# Loss aggregation: each mode gives (numerator, denominator) so that micro-batches can share the
+# full batch's denominator. Denominators count valid tokens or non-empty sequences (rows with no
+# valid token, e.g. padding rows, never count).
+LossAggregation = Callable[[Tensor, Tensor, int], tuple[Tensor, Tensor]]
+LOSS_AGGREGATIONS: dict[str, LossAggregation] = {}
+
+
+def register_loss_agg(name: str) -> Callable[[LossAggregation], LossAggregation]:
+    """Function decorator adding a loss aggregation to LOSS_AGGREGATIONS (no overwrite)."""
+
+    def decorator(fn: LossAggregation) -> LossAggregation:
+        if name in LOSS_AGGREGATIONS:
+            raise ValueError(f"loss aggregation {name!r} is already registered")
+        LOSS_AGGREGATIONS[name] = fn
+        return fn
+
+    return decorator
+
+
+def _masked(loss_mat: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    valid = mask.bool()
+    return torch.where(valid, loss_mat, torch.zeros_like(loss_mat)), valid
+
+
+@register_loss_agg("token-mean")
+def _token_mean(loss_mat: Tensor, mask: Tensor, horizon: int) -> tuple[Tensor, Tensor]:
+    """sum over all valid tokens / number of valid tokens (DAPO)."""
+    loss_mat, valid = _masked(loss_mat, mask)
+    return loss_mat.sum(), valid.sum()
+
+
+@register_loss_agg("seq-mean-token-mean")
+def _seq_mean_token_mean(loss_mat: Tensor, mask: Tensor, horizon: int) -> tuple[Tensor, Tensor]:
+    """mean over sequences of each sequence's token mean (original GRPO)."""
+    loss_mat, valid = _masked(loss_mat, mask)
+    lengths = valid.sum(dim=-1)
+    return (loss_mat.sum(dim=-1) / lengths.clamp(min=1)).sum(), (lengths > 0).sum()
+
+
+@register_loss_agg("seq-mean-token-sum-norm")
+def _seq_mean_token_sum_norm(loss_mat: Tensor, mask: Tensor, horizon: int) -> tuple[Tensor, Tensor]:
+    """mean over sequences of token sum / horizon, a constant (Dr. GRPO)."""
+    loss_mat, valid = _masked(loss_mat, mask)
+    return loss_mat.sum() / horizon, (valid.sum(dim=-1) > 0).sum()
+
+
+def _aggregation(mode: str) -> LossAggregation:
+    if mode not in LOSS_AGGREGATIONS:
+        raise KeyError(f"unknown loss aggregation {mode!r}; known: {sorted(LOSS_AGGREGATIONS)}")
+    return LOSS_AGGREGATIONS[mode]
+
+
+def agg_numerator(
+    loss_mat: Tensor, mask: Tensor, mode: str, horizon: int | None = None
+) -> Tensor:
+    """The numerator of `mode` on this (micro-)batch: a sum over its rows, differentiable.
+
+    horizon: the max response length for "seq-mean-token-sum-norm" (default mask.shape[-1]); pass
+        it explicitly when micro-batches are padded to different lengths.
+    """
+    horizon = mask.shape[-1] if horizon is None else horizon
+    numerator, _ = _aggregation(mode)(loss_mat, mask, horizon)
+    return numerator
+
+
+def agg_denominator(mask: Tensor, mode: str) -> Tensor:
+    """The denominator of `mode` on a mask: the count of valid tokens or of non-empty sequences.
+
+    For gradient accumulation compute it once on the whole batch and divide every micro-batch's
+    agg_numerator by it (or pass it as agg_loss's normalizer): the micro-batch losses then sum
+    exactly to the full-batch loss. With DDP, which averages gradients over R ranks, use the count
+    summed over ranks / R.
+    """
+    _, denominator = _aggregation(mode)(torch.zeros_like(mask, dtype=torch.float32), mask, 1)
+    return denominator
+
+
+def agg_loss(
+    loss_mat: Tensor,
+    mask: Tensor,
+    mode: str,
+    horizon: int | None = None,
+    *,
+    normalizer: Tensor | float | None = None,
+) -> Tensor:
+    """Aggregate a [B, T] per-token loss to a scalar: agg_numerator / agg_denominator.
+
+    mode: a key of LOSS_AGGREGATIONS. horizon: see agg_numerator.
+    normalizer: the denominator to use instead of this batch's own (see agg_denominator).
+    An empty mask (or a zero normalizer) gives 0, not NaN.
+    """
+    numerator = agg_numerator(loss_mat, mask, mode, horizon)
+    denominator = agg_denominator(mask, mode) if normalizer is None else normalizer
+    if isinstance(denominator, Tensor):
+        denominator = denominator.to(numerator.dtype)
+        denominator = torch.where(denominator > 0, denominator, torch.ones_like(denominator))
+    elif denominator <= 0:
+        denominator = 1.0
+    return numerator / denominator
