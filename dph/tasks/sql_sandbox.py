@@ -1,0 +1,397 @@
+"""Sandboxed execution of untrusted SQL on SQLite files, and execution-accuracy comparison.
+
+A query (the model's or the gold one) runs under six independent guards:
+  1. the text must be one statement that starts with SELECT, WITH or VALUES (comments skipped);
+  2. the connection is read-only twice over: `mode=ro` URI and `PRAGMA query_only=ON`;
+  3. an authorizer allows only reads (SELECT, READ, RECURSIVE, FUNCTION but load_extension and
+     file functions): ATTACH (hence VACUUM INTO), PRAGMA, DDL, DML and transactions are denied;
+  4. SQLite limits cap every value (1 MB: randomblob/zeroblob/printf bombs fail at once), result
+     width, the SQL text, LIKE patterns and expression depth, and forbid attached databases;
+  5. a progress handler interrupts the query INSIDE SQLite at its deadline (recursive CTEs, cross
+     joins), and rows are fetched one at a time up to `max_rows + 1` rows and a byte budget;
+  6. `SandboxProcess` runs all of the above in a separate worker process with a memory limit and
+     kills it when a query overruns its deadline inside a single SQL function call (where SQLite
+     never reaches the progress handler: `printf('%.*c', 2e9, 'x')`, quadratic `instr`), then
+     starts a fresh one.
+Connections are opened lazily and cached per (process, thread, file); a typical query costs well
+under a millisecond, worker round trip included. This module imports only the standard library: it
+is also the worker's script (`python -I sql_sandbox.py`).
+"""
+
+from __future__ import annotations
+
+import logging
+import marshal
+import os
+import re
+import select
+import sqlite3
+import struct
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+PROGRESS_OPS = 100  # SQLite VM instructions between deadline checks
+MAX_VALUE_BYTES = 1_000_000  # SQLITE_LIMIT_LENGTH: largest string or blob a query may build
+MAX_RESULT_BYTES = 32_000_000  # total size of a fetched result before it counts as too large
+FLOAT_DIGITS = 6  # floats are compared after rounding to this many decimals (AVG in another order)
+LIMITS = {
+    sqlite3.SQLITE_LIMIT_LENGTH: MAX_VALUE_BYTES,
+    sqlite3.SQLITE_LIMIT_SQL_LENGTH: 50_000,
+    sqlite3.SQLITE_LIMIT_LIKE_PATTERN_LENGTH: 1_000,
+    sqlite3.SQLITE_LIMIT_EXPR_DEPTH: 200,
+    sqlite3.SQLITE_LIMIT_COMPOUND_SELECT: 100,
+    sqlite3.SQLITE_LIMIT_ATTACHED: 0,
+    sqlite3.SQLITE_LIMIT_VDBE_OP: 1_000_000,
+    sqlite3.SQLITE_LIMIT_COLUMN: 100,  # set after the schema is loaded: caps result width, not tables
+}
+ALLOWED_ACTIONS = {sqlite3.SQLITE_SELECT, sqlite3.SQLITE_READ, sqlite3.SQLITE_FUNCTION, sqlite3.SQLITE_RECURSIVE}
+DENIED_FUNCTIONS = {"load_extension", "fts3_tokenizer", "readfile", "writefile", "edit"}
+READ_KEYWORDS = {"select", "with", "values"}
+# errors that say the database file (not the query) is broken: the verifier's problem
+ENVIRONMENT_ERRORS = ("SQLITE_CANTOPEN", "SQLITE_CORRUPT", "SQLITE_NOTADB", "SQLITE_IOERR")
+
+
+@dataclass(frozen=True)
+class QueryResult:
+    """Outcome of one sandboxed query.
+
+    status: "ok", "invalid" (rejected, error, too many rows or bytes) or "timeout".
+    rows: the result rows (tuples) when status is "ok", else None.
+    error: a short reason when status is not "ok".
+    """
+
+    status: str
+    rows: list[tuple] | None = None
+    error: str = ""
+
+
+class DatabaseUnavailable(RuntimeError):
+    """The database file cannot be opened or read (missing, corrupt): not the query's fault."""
+
+
+def _authorize(action: int, arg1: Any, arg2: Any, db_name: Any, source: Any) -> int:
+    if action not in ALLOWED_ACTIONS:
+        return sqlite3.SQLITE_DENY
+    if action == sqlite3.SQLITE_FUNCTION and str(arg2).lower() in DENIED_FUNCTIONS:
+        return sqlite3.SQLITE_DENY
+    return sqlite3.SQLITE_OK
+
+
+def _decode_text(raw: bytes) -> str:
+    return raw.decode("utf-8", errors="replace")
+
+
+class _Sandbox:
+    """One read-only connection with its deadline; used by one thread of one process."""
+
+    def __init__(self, path: str):
+        if not os.path.isfile(path):
+            raise DatabaseUnavailable(f"database file not found: {path}")
+        uri = Path(path).resolve().as_uri() + "?mode=ro"
+        try:
+            conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=True)
+            conn.execute("PRAGMA query_only=ON")
+            conn.execute("PRAGMA trusted_schema=OFF")
+            conn.execute("SELECT count(*) FROM sqlite_master").fetchall()  # loads the schema, checks the file
+        except sqlite3.Error as e:
+            raise DatabaseUnavailable(f"cannot open database {path}: {e}") from e
+        if hasattr(conn, "enable_load_extension"):
+            conn.enable_load_extension(False)
+        for limit, value in LIMITS.items():
+            conn.setlimit(limit, value)
+        conn.text_factory = _decode_text
+        conn.set_authorizer(_authorize)
+        self.deadline = float("inf")
+        conn.set_progress_handler(self._past_deadline, PROGRESS_OPS)
+        self.conn = conn
+
+    def _past_deadline(self) -> int:
+        return time.perf_counter() > self.deadline
+
+    def run(self, sql: str, timeout_s: float, max_rows: int) -> QueryResult:
+        reason = reject_statement(sql)
+        if reason:
+            return QueryResult("invalid", error=reason)
+        self.deadline = time.perf_counter() + timeout_s
+        cur = self.conn.cursor()
+        try:
+            cur.execute(sql)
+            if cur.description is None:
+                return QueryResult("invalid", error="the statement returns no rows")
+            rows: list[tuple] = []
+            size = 0
+            for row in cur:  # one row at a time: memory stays within the byte budget plus one row
+                rows.append(row)
+                if len(rows) > max_rows:
+                    return QueryResult("invalid", error=f"more than max_rows={max_rows} rows")
+                size += sum(len(v) if isinstance(v, (str, bytes)) else 8 for v in row)
+                if size > MAX_RESULT_BYTES:
+                    return QueryResult("invalid", error=f"result larger than {MAX_RESULT_BYTES} bytes")
+            return QueryResult("ok", rows=rows)
+        except sqlite3.Error as e:
+            name = getattr(e, "sqlite_errorname", None) or ""
+            if name == "SQLITE_INTERRUPT" or time.perf_counter() > self.deadline:
+                return QueryResult("timeout", error=f"over {timeout_s:g} s")
+            if name.startswith(ENVIRONMENT_ERRORS):
+                raise DatabaseUnavailable(f"{name}: {e}") from e
+            return QueryResult("invalid", error=f"{type(e).__name__}: {e}")
+        except (sqlite3.Warning, ValueError, OverflowError, MemoryError, UnicodeError) as e:
+            return QueryResult("invalid", error=f"{type(e).__name__}: {e}")
+        finally:
+            self.deadline = float("inf")
+            cur.close()
+
+
+_local = threading.local()
+
+
+def _sandbox(path: str) -> _Sandbox:
+    """The cached sandbox of `path` for this process and thread (opened on first use)."""
+    cache = getattr(_local, "sandboxes", None)
+    if cache is None or getattr(_local, "pid", None) != os.getpid():  # a forked child opens its own
+        cache = _local.sandboxes = {}
+        _local.pid = os.getpid()
+    box = cache.get(path)
+    if box is None:
+        box = cache[path] = _Sandbox(path)
+    return box
+
+
+def run_query(db_path: str, sql: str, timeout_s: float = 1.0, max_rows: int = 10_000) -> QueryResult:
+    """Run one untrusted statement read-only on `db_path`; raises DatabaseUnavailable for a bad file."""
+    return _sandbox(str(db_path)).run(sql, timeout_s, max_rows)
+
+
+def close_connections() -> None:
+    """Close this thread's cached connections (e.g. before a database file is replaced)."""
+    for box in getattr(_local, "sandboxes", {}).values():
+        box.conn.close()
+    _local.sandboxes = {}
+
+
+# --- worker process ----------------------------------------------------------------------------
+
+WORKER_MEMORY_BYTES = 1 << 30  # address-space limit of the worker process (RLIMIT_AS)
+WORKER_START_S = 30.0  # how long a fresh worker may take to answer its first ping
+KILL_GRACE_S = 0.5  # a query is killed this long after its deadline (plus half the time limit)
+_HEADER = struct.Struct("<I")
+
+
+def _write(fd: int, payload: bytes) -> None:
+    data = _HEADER.pack(len(payload)) + payload
+    while data:
+        data = data[os.write(fd, data):]
+
+
+def _read(fd: int, deadline: float = float("inf")) -> bytes | None:
+    """One framed message, or None when `deadline` passes first; EOFError when the pipe closes."""
+    buf, need, header_done = bytearray(), _HEADER.size, False
+    while True:
+        while len(buf) < need:
+            wait = deadline - time.perf_counter()
+            if wait <= 0 or (wait != float("inf") and not select.select([fd], [], [], wait)[0]):
+                return None
+            chunk = os.read(fd, need - len(buf))
+            if not chunk:
+                raise EOFError("the other end of the pipe closed")
+            buf += chunk
+        if header_done:
+            return bytes(buf[_HEADER.size:])
+        need, header_done = _HEADER.size + _HEADER.unpack(buf[: _HEADER.size])[0], True
+
+
+def serve(fd_in: int = 0, fd_out: int = 1) -> None:
+    """Worker loop: (db_path, sql, timeout_s, max_rows) in, (status, rows, error) out, until EOF."""
+    try:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_AS, (WORKER_MEMORY_BYTES, WORKER_MEMORY_BYTES))
+    except (ImportError, ValueError, OSError):
+        pass  # no address-space limit on this platform; the other guards still apply
+    while True:
+        try:
+            request = marshal.loads(_read(fd_in))
+        except EOFError:
+            return
+        if request is None:  # ping
+            _write(fd_out, marshal.dumps(("pong", None, "")))
+            continue
+        db_path, sql, timeout_s, max_rows = request
+        try:
+            result = run_query(db_path, sql, timeout_s, max_rows)
+            reply = (result.status, result.rows, result.error)
+        except DatabaseUnavailable as e:
+            reply = ("unavailable", None, str(e))
+        except MemoryError:
+            reply = ("invalid", None, "out of memory")
+        try:
+            payload = marshal.dumps(reply)
+        except ValueError:  # a value marshal cannot carry (none expected from sqlite3)
+            payload = marshal.dumps(("invalid", None, "unsupported result value"))
+        _write(fd_out, payload)
+
+
+class SandboxProcess:
+    """Runs queries in a worker process; a query that overruns is killed with its worker.
+
+    Thread-safe (one query at a time); a forked child starts its own worker. `kills` counts the
+    workers killed for overrunning their deadline, `crashes` those that died on a query.
+    """
+
+    def __init__(self):
+        self._proc: subprocess.Popen | None = None
+        self._pid = -1
+        self._lock = threading.Lock()
+        self.kills = 0
+        self.crashes = 0
+
+    def __getstate__(self) -> dict:
+        return {"kills": self.kills, "crashes": self.crashes}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__()
+        self.kills, self.crashes = state["kills"], state["crashes"]
+
+    def _start(self) -> subprocess.Popen:
+        proc = subprocess.Popen([sys.executable, "-I", os.path.abspath(__file__)], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, close_fds=True)
+        try:
+            _write(proc.stdin.fileno(), marshal.dumps(None))
+            reply = _read(proc.stdout.fileno(), time.perf_counter() + WORKER_START_S)
+        except (OSError, EOFError):
+            reply = None
+        if reply is None or marshal.loads(reply)[0] != "pong":
+            self._stop(proc)
+            raise DatabaseUnavailable(f"the SQL sandbox worker did not start ({sys.executable} {__file__})")
+        return proc
+
+    @staticmethod
+    def _stop(proc: subprocess.Popen) -> None:
+        proc.kill()
+        proc.wait()
+        for pipe in (proc.stdin, proc.stdout):
+            pipe.close()
+
+    def close(self) -> None:
+        with self._lock:
+            if self._proc is not None and self._pid == os.getpid():
+                self._stop(self._proc)
+            self._proc = None
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown: nothing left to clean up
+            pass
+
+    def run(self, db_path: str, sql: str, timeout_s: float = 1.0, max_rows: int = 10_000) -> QueryResult:
+        """Like `run_query`, in the worker; raises DatabaseUnavailable for a bad file or worker."""
+        if len(sql) > LIMITS[sqlite3.SQLITE_LIMIT_SQL_LENGTH]:
+            return QueryResult("invalid", error="SQL text too long")
+        with self._lock:
+            if self._proc is None or self._pid != os.getpid():
+                self._proc, self._pid = self._start(), os.getpid()
+            proc = self._proc
+            timed_out = False
+            try:
+                _write(proc.stdin.fileno(), marshal.dumps((str(db_path), sql, float(timeout_s), int(max_rows))))
+                reply = _read(proc.stdout.fileno(), time.perf_counter() + timeout_s * 1.5 + KILL_GRACE_S)
+                timed_out = reply is None
+            except (OSError, EOFError):  # broken pipe: the worker died
+                reply = None
+            if reply is None:
+                self._stop(proc)
+                self._proc = None
+                if timed_out:
+                    self.kills += 1
+                    log.warning("SQL sandbox worker killed: a query ran past %.1f s", timeout_s)
+                    return QueryResult("timeout", error=f"killed after {timeout_s:g} s")
+                self.crashes += 1
+                log.warning("SQL sandbox worker died on a query; starting a new one")
+                return QueryResult("invalid", error="the query crashed the sandbox worker")
+        status, rows, error = marshal.loads(reply)
+        if status == "unavailable":
+            raise DatabaseUnavailable(error)
+        return QueryResult(status, rows, error)
+
+
+# --- statement text ---------------------------------------------------------------------------
+
+_SKIP = re.compile(r"(\s+|--[^\n]*(\n|$)|/\*.*?(\*/|$)|\()", re.S)
+_TOKENS = re.compile(  # strings, quoted identifiers, comments, parentheses, words, other characters
+    r"'(?:[^']|'')*'?|\"(?:[^\"]|\"\")*\"?|`[^`]*`?|\[[^\]]*\]?|--[^\n]*|/\*.*?(?:\*/|$)|[()]|\w+|[^\w\s]", re.S)
+
+
+def reject_statement(sql: str) -> str:
+    """Why `sql` is not a plain read statement ('' when it is); multiple statements fail later."""
+    pos = 0
+    while m := _SKIP.match(sql, pos):
+        pos = m.end()
+    word = re.match(r"[A-Za-z]+", sql[pos:])
+    if word is None or word.group(0).lower() not in READ_KEYWORDS:
+        return "not a SELECT, WITH or VALUES statement"
+    return ""
+
+
+def has_top_level_order_by(sql: str) -> bool:
+    """Whether ORDER BY applies to the whole result (not inside parentheses, strings or comments)."""
+    depth, previous = 0, ""
+    for token in _TOKENS.findall(sql):
+        if token in "()":
+            depth = depth + 1 if token == "(" else max(0, depth - 1)
+            previous = ""
+        elif token.startswith(("--", "/*")):
+            continue
+        elif depth == 0:
+            word = token.lower()
+            if previous == "order" and word == "by":
+                return True
+            previous = word
+    return False
+
+
+def normalise_sql(sql: str) -> str:
+    """Whitespace collapsed to single spaces and trailing semicolons removed."""
+    return " ".join(sql.split()).rstrip("; ").strip()
+
+
+_FENCE = re.compile(r"```[ \t]*(?:sql|sqlite)?[ \t]*\n?(.*?)(?:```|$)", re.S | re.I)
+_ANSWER = re.compile(r"<answer>(.*?)(?:</answer>|$)", re.S | re.I)
+
+
+def extract_sql(response: str) -> str:
+    """The SQL in a response: inside ```sql fences or <answer> tags when present, else its first line."""
+    for pattern in (_FENCE, _ANSWER):
+        m = pattern.search(response)
+        if m:
+            return m.group(1).strip().rstrip(";").strip()
+    text = response.strip()
+    return text.split("\n", 1)[0].strip().rstrip(";").strip()
+
+
+# --- comparison --------------------------------------------------------------------------------
+
+
+def _canonical(row: tuple) -> tuple:
+    return tuple(round(v, FLOAT_DIGITS) if type(v) is float else v for v in row)
+
+
+def results_match(predicted: list[tuple], gold: list[tuple], ordered: bool) -> bool:
+    """Execution accuracy: equal as multisets of rows, or as lists when the gold query orders."""
+    if len(predicted) != len(gold):
+        return False
+    pred = [_canonical(r) for r in predicted]
+    ref = [_canonical(r) for r in gold]
+    return pred == ref if ordered else Counter(pred) == Counter(ref)
+
+
+if __name__ == "__main__":
+    serve()
