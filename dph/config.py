@@ -1,0 +1,185 @@
+"""Checks of the composed config, run once before any work: each error names the key and the fix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+import dph
+from dph.metrics import METRICS, eval_metric_names
+
+LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+SCHEDULES = ("constant", "linear", "cosine")
+SOURCES = ("reference", "rollouts")
+REVERSE_KL_ESTIMATORS = ("k1", "k2", "k3")
+
+
+class ConfigError(ValueError):
+    """An impossible config value; the message names the key and what is allowed."""
+
+
+def package_root() -> Path:
+    """The checkout that holds conf/ and outputs/ (the current directory for a non-editable install)."""
+    root = Path(dph.__file__).resolve().parents[1]
+    return root if (root / "conf").is_dir() else Path.cwd()
+
+
+def register_resolvers() -> None:
+    if not OmegaConf.has_resolver("dph_root"):
+        OmegaConf.register_new_resolver("dph_root", lambda: str(package_root()))
+
+
+register_resolvers()
+
+
+def split_eval_spec(spec: str, task_name: str) -> tuple[str, str]:
+    """'test' -> (this task, 'test'); 'math/test' -> ('math', 'test')."""
+    if "/" in spec:
+        task, split = spec.split("/", 1)
+        return task, split
+    return task_name, spec
+
+
+def _num(cfg: DictConfig, key: str, *, kind: type = float, low: float | None = None, high: float | None = None,
+         low_open: bool = False, allow_none: bool = False, hint: str = "") -> Any:
+    value = OmegaConf.select(cfg, key)
+    if value is None and allow_none:
+        return None
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is int:
+        ok = ok and float(value).is_integer()
+    if ok and low is not None:
+        ok = value > low if low_open else value >= low
+    if ok and high is not None:
+        ok = value <= high
+    if not ok:
+        what = "an integer" if kind is int else "a number"
+        bounds = []
+        if low is not None:
+            bounds.append(f"{'>' if low_open else '>='} {low:g}")
+        if high is not None:
+            bounds.append(f"<= {high:g}")
+        allowed = f"{what} {' and '.join(bounds)}".strip() + (" or null" if allow_none else "")
+        raise ConfigError(f"{key}={value!r} is not allowed: use {allowed}{hint}")
+    return value
+
+
+def _choice(cfg: DictConfig, key: str, options: tuple[str, ...]) -> str:
+    value = OmegaConf.select(cfg, key)
+    if value not in options:
+        raise ConfigError(f"{key}={value!r} is not allowed: choose one of {', '.join(options)}")
+    return value
+
+
+def expected_metrics(cfg: DictConfig, eval_labels: list[str]) -> set[str]:
+    """Every metric name this run logs (for checking optimized_metric up front)."""
+    names = {m for m in METRICS if "<" not in m}
+    for label in eval_labels:
+        names.update(eval_metric_names(label, cfg.eval.n))
+    return names
+
+
+def validate(cfg: DictConfig, task_splits: dict[str, tuple[str, ...]]) -> list[str]:
+    """Check the composed config; `task_splits` maps task names to their split names (the trained
+    task first). Returns the eval labels. Raises ConfigError on the first impossible value."""
+    from dph.divergences import DIVERGENCES
+
+    task_name = cfg.task.name
+    _num(cfg, "seed", kind=int, low=0)
+    _choice(cfg, "device", ("auto", "cpu", "cuda"))
+    _choice(cfg, "precision", ("no", "bf16", "fp16"))
+    if cfg.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError("device=cuda but no CUDA GPU is visible: use device=auto or device=cpu")
+
+    # algorithm
+    _num(cfg, "algorithm.group_size", kind=int, low=2, hint=" (GRPO compares responses within a group)")
+    _num(cfg, "algorithm.clip_low", low=0, high=1, low_open=True)
+    _num(cfg, "algorithm.clip_high", low=0, low_open=True)
+    _choice(cfg, "algorithm.loss_agg", LOSS_AGGS)
+    _num(cfg, "algorithm.epochs", kind=int, low=1)
+    minibatches = _num(cfg, "algorithm.minibatches", kind=int, low=1)
+    if not isinstance(cfg.algorithm.norm_adv_by_std, bool):
+        raise ConfigError(f"algorithm.norm_adv_by_std={cfg.algorithm.norm_adv_by_std!r} is not allowed: use true or false")
+
+    # trainer
+    _num(cfg, "trainer.steps", kind=int, low=0)
+    prompts = _num(cfg, "trainer.prompts_per_step", kind=int, low=1)
+    _num(cfg, "trainer.micro_batch_size", kind=int, low=1)
+    if minibatches > prompts * cfg.algorithm.group_size:
+        raise ConfigError(
+            f"algorithm.minibatches={minibatches} is larger than the rollouts per step "
+            f"({prompts} prompts x {cfg.algorithm.group_size}): lower it or raise trainer.prompts_per_step"
+        )
+
+    # generation
+    _num(cfg, "generation.max_new_tokens", kind=int, low=1)
+    _num(cfg, "generation.temperature", low=0, low_open=True)
+    _num(cfg, "generation.top_p", low=0, high=1, low_open=True)
+    _num(cfg, "generation.batch_size", kind=int, low=1)
+
+    # divergence
+    div = cfg.divergence
+    if div.name != "none" and div.name not in DIVERGENCES:
+        raise ConfigError(f"divergence.name={div.name!r} is not allowed: choose none or one of {', '.join(DIVERGENCES)}")
+    _num(cfg, "divergence.weight", low=0)
+    if div.name != "none":
+        _choice(cfg, "divergence.source", SOURCES)
+        if div.name == "reverse_kl":
+            _choice(cfg, "divergence.estimator", REVERSE_KL_ESTIMATORS)
+        if div.name == "alpha":
+            _num(cfg, "divergence.alpha")
+
+    # optimizer
+    _num(cfg, "optimizer.lr", low=0, low_open=True)
+    _num(cfg, "optimizer.weight_decay", low=0)
+    _num(cfg, "optimizer.warmup_steps", kind=int, low=0)
+    _choice(cfg, "optimizer.schedule", SCHEDULES)
+    _num(cfg, "optimizer.min_lr_ratio", low=0, high=1)
+    _num(cfg, "optimizer.max_grad_norm", low=0, low_open=True, allow_none=True)
+
+    # model
+    _choice(cfg, "model.name", ("tiny", "hf"))
+    if cfg.model.name == "hf":
+        path = OmegaConf.select(cfg, "model.path", throw_on_missing=False)
+        if path is None or OmegaConf.is_missing(cfg.model, "path"):
+            raise ConfigError("model.path is missing: model=hf needs model.path=/a/local/model/dir")
+        if not (Path(path).expanduser() / "config.json").is_file():
+            raise ConfigError(f"model.path={path!r} is not a saved model directory (no config.json there): "
+                              "point it at a directory written by save_pretrained")
+
+    # evaluation
+    _num(cfg, "eval.every", kind=int, low=0)
+    _num(cfg, "eval.n", kind=int, low=1)
+    _num(cfg, "eval.max_prompts", kind=int, low=1, allow_none=True)
+    splits = OmegaConf.select(cfg, "eval.splits")
+    if not OmegaConf.is_list(splits) or len(splits) == 0:
+        raise ConfigError(f"eval.splits={splits!r} is not allowed: give a non-empty list, e.g. [test, ood]")
+    labels = []
+    for spec in splits:
+        task, split = split_eval_spec(str(spec), task_name)
+        if task not in task_splits:
+            raise ConfigError(f"eval.splits: {spec!r} names task {task!r}, which this run does not load: "
+                              f"use a split of {task_name} ({', '.join(task_splits[task_name])})")
+        if split not in task_splits[task]:
+            raise ConfigError(f"eval.splits: task {task} has no split {split!r}: choose from {', '.join(task_splits[task])}")
+        labels.append(str(spec))
+    if "train" not in task_splits[task_name]:
+        raise ConfigError(f"task={task_name} has no train split: it cannot be trained on")
+
+    # the metric a sweeper optimizes
+    wanted = cfg.optimized_metric
+    wanted = [wanted] if isinstance(wanted, str) else list(wanted or [])
+    known = expected_metrics(cfg, labels)
+    for metric in wanted:
+        if metric not in known:
+            hint = ""
+            if "/pass@" in metric:
+                hint = f" (pass@k is logged for k in 1, 2, 4, ... up to eval.n={cfg.eval.n} on eval.splits={list(splits)})"
+            raise ConfigError(f"optimized_metric={metric!r} is never logged by this run{hint}: "
+                              f"e.g. optimized_metric=eval/{labels[0]}/pass@1")
+    return labels

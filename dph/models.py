@@ -1,0 +1,233 @@
+"""The initial policy: the embedded tiny model (built, warmed up and cached here) or a local HF model.
+
+No weights can be downloaded, so `model=tiny` builds its own base model:
+  1. a character-level tokenizer (printable ASCII + newline) made with `tokenizers`, saved as a
+     Hugging Face fast tokenizer;
+  2. a small `LlamaForCausalLM` from config;
+  3. a short supervised warm-up on correct answers drawn at random among ALL solutions of each
+     warm-up problem, so that the initial policy is broad (several distinct correct answers per
+     problem) and imperfect (Pass@1 well below Pass@k).
+The result is saved with `save_pretrained` under `<cache_dir>/models/tiny-<hash>`, where the hash
+covers everything that determines it (architecture, warm-up settings, tasks' fingerprints, seed,
+builder version). Built once with a progress bar, then reused; written atomically (a temporary
+directory renamed into place) under a file lock, so parallel runs build it once.
+
+`model=hf model.path=DIR` loads any local causal LM and its tokenizer through the same code path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import string
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from filelock import FileLock
+from tqdm.auto import tqdm
+
+from dph.tasks import Task
+
+log = logging.getLogger(__name__)
+
+BUILDER_VERSION = 1  # bump when the tiny model's build procedure changes
+SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<bos>", "eos_token": "<eos>", "unk_token": "<unk>"}
+
+
+def fingerprint_hash(obj: Any) -> str:
+    """A short stable hash of a JSON-able object (keys sorted)."""
+    blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def char_tokenizer():
+    """A character-level fast tokenizer over printable ASCII and newline, left-padding."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = [c for c in string.printable if c not in "\t\r\x0b\x0c"]
+    vocab = {tok: i for i, tok in enumerate([*SPECIAL_TOKENS.values(), *chars])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token=SPECIAL_TOKENS["unk_token"]))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex(""), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, padding_side="left", **SPECIAL_TOKENS)
+    return tok
+
+
+def tiny_spec(model_cfg: Mapping[str, Any], tasks: Sequence[Task], seed: int) -> dict[str, Any]:
+    """Everything that determines the tiny base model; its hash names the cache entry."""
+    return {
+        "builder_version": BUILDER_VERSION,
+        "architecture": dict(model_cfg["architecture"]),
+        "warmup": dict(model_cfg["warmup"]),
+        "tasks": [{"name": t.name, **t.fingerprint()} for t in tasks],
+        "seed": seed,
+        "torch": torch.__version__.split("+")[0],
+    }
+
+
+def tiny_model_dir(model_cfg: Mapping[str, Any], tasks: Sequence[Task], seed: int, cache_dir: str | Path) -> Path:
+    """Build the tiny base model if it is not cached yet; return its directory."""
+    spec = tiny_spec(model_cfg, tasks, seed)
+    models_dir = Path(cache_dir) / "models"
+    target = models_dir / f"tiny-{fingerprint_hash(spec)}"
+    models_dir.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        if (target / "dph_build.json").exists():
+            log.info("Using cached base model %s", target)
+            return target
+        log.info("Building the tiny base model (once per configuration) into %s", target)
+        tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=models_dir))
+        try:
+            stats = _build_tiny(spec, tasks, tmp)
+            (tmp / "dph_build.json").write_text(json.dumps({"spec": spec, "stats": stats}, indent=2))
+            os.replace(tmp, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _build_tiny(spec: Mapping[str, Any], tasks: Sequence[Task], out_dir: Path) -> dict[str, Any]:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    arch, warm, seed = spec["architecture"], spec["warmup"], spec["seed"]
+    tok = char_tokenizer()
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=arch["hidden_size"],
+        intermediate_size=arch["intermediate_size"],
+        num_hidden_layers=arch["num_layers"],
+        num_attention_heads=arch["num_heads"],
+        num_key_value_heads=arch["num_heads"],
+        max_position_embeddings=arch["max_positions"],
+        tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    model = LlamaForCausalLM(config)
+
+    # Warm-up data: for each problem, several distinct correct answers drawn among all solutions.
+    rng = random.Random(seed)
+    per_task = max(1, warm["problems"] // len(tasks))
+    examples: list[tuple[list[int], int]] = []  # (token ids, prompt length incl. bos)
+    for task in tasks:
+        for problem in task.warmup_problems(per_task, seed):
+            prompt_ids = [tok.bos_token_id, *tok.encode(problem.prompt, add_special_tokens=False)]
+            for answer in task.demonstrations(problem, warm["answers_per_problem"], rng):
+                ids = prompt_ids + tok.encode(answer, add_special_tokens=False) + [tok.eos_token_id]
+                if len(ids) <= arch["max_positions"]:
+                    examples.append((ids, len(prompt_ids)))
+    if not examples:
+        raise ValueError("model.warmup: the tasks produced no warm-up example that fits model.architecture.max_positions")
+
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=warm["lr"], betas=(0.9, 0.98), weight_decay=0.01)
+    steps, bs = warm["steps"], warm["batch_size"]
+    warmup_steps = max(1, steps // 20)
+
+    def lr_at(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, steps - warmup_steps)
+        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    order: list[int] = []
+    losses = []
+    for _ in tqdm(range(steps), desc="base model warm-up", unit="step"):
+        if len(order) < bs:
+            order += rng.sample(range(len(examples)), len(examples))
+        batch = [examples[i] for i in order[:bs]]
+        del order[:bs]
+        ids, labels = _pad_batch(batch, tok.pad_token_id)
+        loss = model(input_ids=ids, attention_mask=(labels != -100) | (ids != tok.pad_token_id), labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+
+    model.eval()
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.generation_config.bos_token_id = tok.bos_token_id
+    model.save_pretrained(out_dir)
+    tok.save_pretrained(out_dir)
+    tail = losses[-20:]
+    return {"examples": len(examples), "final_loss": sum(tail) / len(tail), "parameters": model.num_parameters()}
+
+
+def _pad_batch(batch: Sequence[tuple[list[int], int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad token lists; labels are -100 on the prompt and padding (loss on the answer + eos)."""
+    width = max(len(ids) for ids, _ in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), -100, dtype=torch.long)
+    for row, (seq, prompt_len) in enumerate(batch):
+        ids[row, : len(seq)] = torch.tensor(seq)
+        labels[row, prompt_len : len(seq)] = torch.tensor(seq[prompt_len:])
+    return ids, labels
+
+
+def resolve_model_dir(model_cfg: Mapping[str, Any], tasks: Sequence[Task], seed: int, cache_dir: str | Path) -> Path:
+    """The directory to load the initial policy from (building the tiny model when needed)."""
+    if model_cfg["name"] == "tiny":
+        return tiny_model_dir(model_cfg, tasks, seed, cache_dir)
+    return Path(model_cfg["path"]).expanduser()
+
+
+def model_fingerprint(model_dir: Path) -> dict[str, Any]:
+    """Identifies a saved model cheaply: its config and the size and mtime of its weight files."""
+    files = sorted(p for p in model_dir.iterdir() if p.suffix in {".safetensors", ".bin", ".json", ".model"})
+    return {
+        "path": str(model_dir.resolve()),
+        "files": {p.name: [p.stat().st_size, int(p.stat().st_mtime)] for p in files},
+    }
+
+
+def load_policy(model_dir: Path, model_cfg: Mapping[str, Any], device: torch.device | str = "cpu"):
+    """Load (model, tokenizer) from a local directory, offline. The tokenizer pads on the left."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dtype = _dtype(model_cfg.get("dtype", "float32"), device)
+    remote = bool(model_cfg.get("trust_remote_code", False))
+    tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True, trust_remote_code=remote)
+    tok.padding_side = "left"
+    if tok.pad_token_id is None:
+        if tok.eos_token_id is None:
+            raise ValueError(f"model.path={model_dir}: the tokenizer has neither a pad nor an eos token")
+        tok.pad_token = tok.eos_token
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir, local_files_only=True, dtype=dtype, trust_remote_code=remote
+    )
+    return model.to(device), tok
+
+
+def _dtype(name: str, device: torch.device | str) -> torch.dtype:
+    if name == "auto":
+        cuda = torch.device(device).type == "cuda"
+        return torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def encode_prompts(tokenizer, prompts: Sequence[str], chat_template: bool) -> list[list[int]]:
+    """Token ids of each prompt (with bos where the tokenizer uses one; chat-wrapped if asked)."""
+    if chat_template:
+        return [
+            tokenizer.apply_chat_template(
+                [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True, return_dict=False
+            )
+            for p in prompts
+        ]
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    return [bos + tokenizer.encode(p, add_special_tokens=False) for p in prompts]

@@ -1,0 +1,125 @@
+"""Sampling responses and scoring tokens: the only places the policy is run.
+
+Layout of a batch of sequences (B sequences, prompt width P, response width T):
+    input_ids      [B, P + T]  prompt left-padded to P, response right-padded to T
+    attention_mask [B, P + T]  1 on real tokens (prompt and response up to and including eos)
+    response_mask  [B, T]      1 on response tokens the loss sees
+Log-probs are taken under the sampling distribution, i.e. softmax(logits / temperature), so that
+rollouts are exactly on-policy for the objective (the ratio is 1 before the first update).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from dph.metrics import entropy_from_logits
+
+
+@dataclass
+class SequenceBatch:
+    """Prompts and responses as padded tensors, plus the decoded response texts."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    response_mask: torch.Tensor
+    texts: list[str]
+
+    @property
+    def prompt_width(self) -> int:
+        return self.input_ids.shape[1] - self.response_mask.shape[1]
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def select(self, index: slice | torch.Tensor) -> SequenceBatch:
+        rows = range(len(self))[index] if isinstance(index, slice) else index.tolist()
+        return SequenceBatch(
+            self.input_ids[index],
+            self.attention_mask[index],
+            self.response_mask[index],
+            [self.texts[i] for i in rows],
+        )
+
+
+def collate(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], texts: list[str], pad_id: int,
+            device: torch.device | str = "cpu") -> SequenceBatch:
+    """Pad token lists into a SequenceBatch (prompts on the left, responses on the right)."""
+    width_p = max(len(p) for p in prompts)
+    width_r = max(1, max(len(r) for r in responses))
+    ids = torch.full((len(prompts), width_p + width_r), pad_id, dtype=torch.long)
+    attn = torch.zeros_like(ids)
+    resp = torch.zeros((len(prompts), width_r), dtype=torch.long)
+    for row, (p, r) in enumerate(zip(prompts, responses, strict=True)):
+        ids[row, width_p - len(p) : width_p] = torch.as_tensor(p, dtype=torch.long)
+        ids[row, width_p : width_p + len(r)] = torch.as_tensor(r, dtype=torch.long)
+        attn[row, width_p - len(p) : width_p + len(r)] = 1
+        resp[row, : len(r)] = 1
+    return SequenceBatch(ids.to(device), attn.to(device), resp.to(device), texts)
+
+
+@torch.no_grad()
+def sample(model, tokenizer, prompts: Sequence[Sequence[int]], *, n: int, max_new_tokens: int,
+           temperature: float, top_p: float, batch_size: int) -> SequenceBatch:
+    """Sample `n` responses per prompt with HF `generate` (KV cache); rows are prompt-major.
+
+    Each response ends at (and includes) the first eos; a response that never emits eos is cut at
+    `max_new_tokens`. Only temperature and top_p shape sampling (top_k and penalties are off).
+    """
+    device = next(model.parameters()).device
+    eos = tokenizer.eos_token_id
+    rows = [list(p) for p in prompts for _ in range(n)]
+    responses: list[list[int]] = []
+    was_training = model.training
+    model.eval()
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start : start + batch_size]
+        width = max(len(p) for p in chunk)
+        ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
+        attn = torch.zeros_like(ids)
+        for i, p in enumerate(chunk):
+            ids[i, width - len(p) :] = torch.as_tensor(p)
+            attn[i, width - len(p) :] = 1
+        out = model.generate(
+            input_ids=ids.to(device),
+            attention_mask=attn.to(device),
+            do_sample=True,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=0,
+            repetition_penalty=1.0,
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=0,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=eos,
+            use_cache=True,
+        )
+        for seq in out[:, width:].tolist():
+            responses.append(seq[: seq.index(eos) + 1] if eos in seq else seq)
+    model.train(was_training)
+    texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
+    return collate(rows, responses, texts, tokenizer.pad_token_id, device)
+
+
+def token_logprobs(model, batch: SequenceBatch, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token log-probs of the response tokens and the policy's entropy there, both [B, T].
+
+    Runs with or without grad depending on the caller's context; padding positions hold zeros.
+    """
+    width_r = batch.response_mask.shape[1]
+    position_ids = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        position_ids=position_ids,
+        logits_to_keep=width_r + 1,
+        use_cache=False,
+    )
+    logits = out.logits[:, :-1].float() / temperature  # logits[:, t] predicts response token t
+    targets = batch.input_ids[:, -width_r:]
+    logp = torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    entropy = entropy_from_logits(logits)
+    mask = batch.response_mask.to(logp.dtype)
+    return logp * mask, entropy.detach() * mask

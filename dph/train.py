@@ -1,0 +1,119 @@
+"""`dph-train`: compose the config, check it, train, and return the metric a sweeper optimizes."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from dph.config import ConfigError, package_root, split_eval_spec, validate
+
+log = logging.getLogger(__name__)
+
+
+def setup(cfg: DictConfig):
+    """Build the task and eval sets and validate the config; nothing expensive happens here."""
+    from dph.tasks import build_task
+    from dph.trainer import EvalSet
+
+    try:
+        task = build_task(OmegaConf.to_container(cfg.task, resolve=True))
+    except (KeyError, TypeError, ValueError) as e:
+        raise ConfigError(f"task: {e}") from e
+    tasks = {task.name: task}
+    for spec in cfg.eval.splits or []:
+        other, _ = split_eval_spec(str(spec), task.name)
+        if other not in tasks:
+            tasks[other] = _load_other_task(cfg, other)
+    labels = validate(cfg, {name: t.split_names for name, t in tasks.items()})
+    eval_sets = []
+    for label in labels:
+        name, split = split_eval_spec(label, task.name)
+        eval_sets.append(EvalSet(label, tasks[name], split))
+    return task, eval_sets
+
+
+def _load_other_task(cfg: DictConfig, name: str):
+    """A task evaluated out of domain, configured by its own conf/task/<name>.yaml."""
+    from dph.tasks import TASKS, build_task
+
+    if name not in TASKS:
+        raise ConfigError(f"eval.splits names task {name!r}: choose a task of {', '.join(sorted(TASKS))}")
+    task_cfg = OmegaConf.load(package_root() / "conf" / "task" / f"{name}.yaml")
+    return build_task(OmegaConf.to_container(task_cfg, resolve=True))
+
+
+def run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
+    """Validate, train and evaluate; returns the last value of every logged metric."""
+    from dph.loggers import NullLogger, build_logger
+    from dph.plots import load_metrics, plot_run
+    from dph.trainer import Trainer
+
+    task, eval_sets = setup(cfg)
+    reporter = None
+    if cfg.get("trial") is not None:
+        from dph.pruning import TrialReporter
+
+        reporter = TrialReporter.from_config(cfg.trial, cfg.optimized_metric)
+
+    trainer = Trainer(cfg, task, eval_sets, run_dir, NullLogger(), reporter)
+    if trainer.acc.is_main_process:
+        trainer.logger = build_logger(_logger_cfg(cfg, run_dir), run_dir, OmegaConf.to_container(cfg, resolve=True))
+    ok = False
+    try:
+        history = trainer.fit()
+        ok = True
+    finally:
+        if trainer.acc.is_main_process:
+            if ok:
+                trainer.logger.summary({**history, "model_dir": str(trainer.model_dir)})
+            trainer.logger.finish(0 if ok else 1)
+            metrics_file = run_dir / "metrics.jsonl"
+            if metrics_file.exists():
+                plot_run(load_metrics(metrics_file), run_dir)
+    return history
+
+
+def _logger_cfg(cfg: DictConfig, run_dir: Path) -> DictConfig:
+    """The logger config with a run name and group filled in (a sweep trial is named after it)."""
+    logger_cfg = OmegaConf.to_container(cfg.logger, resolve=True)
+    trial = cfg.get("trial")
+    if trial is not None:
+        logger_cfg["group"] = logger_cfg.get("group") or trial.study_name
+        logger_cfg["name"] = logger_cfg.get("name") or f"trial-{trial.number}"
+    logger_cfg["name"] = logger_cfg.get("name") or run_dir.name
+    return OmegaConf.create(logger_cfg)
+
+
+def objective(cfg: DictConfig, history: dict[str, float]) -> float | list[float]:
+    wanted = cfg.optimized_metric
+    names = [wanted] if isinstance(wanted, str) else list(wanted)
+    missing = [m for m in names if m not in history]
+    if missing:
+        raise KeyError(f"optimized_metric {missing} was never logged; logged: {sorted(history)}")
+    values = [float(history[m]) for m in names]
+    return values[0] if isinstance(wanted, str) else values
+
+
+@hydra.main(version_base="1.3", config_path=str(package_root() / "conf"), config_name="config")
+def main(cfg: DictConfig) -> float | list[float] | None:
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        history = run(cfg, run_dir)
+    except ConfigError as e:
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise  # the sweeper records the job as failed
+        sys.stderr.write(f"dph-train: error: {e}\n")
+        sys.exit(2)
+    if cfg.optimized_metric is None:
+        return None
+    return objective(cfg, history)
+
+
+if __name__ == "__main__":
+    main()
