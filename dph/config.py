@@ -76,6 +76,8 @@ def _choice(cfg: DictConfig, key: str, options: tuple[str, ...]) -> str:
 def expected_metrics(cfg: DictConfig, eval_labels: list[str]) -> set[str]:
     """Every metric name this run logs (for checking optimized_metric up front)."""
     names = {m for m in METRICS if "<" not in m}
+    if cfg.divergence.name == "none" or cfg.divergence.source != "reference":
+        names -= {"train/div_value", "train/rehearsal_logprob"} | {m for m in names if m.startswith("presample/")}
     for label in eval_labels:
         names.update(eval_metric_names(label, cfg.eval.n))
     return names
@@ -133,6 +135,11 @@ def validate(cfg: DictConfig, task_splits: dict[str, tuple[str, ...]]) -> list[s
             _choice(cfg, "divergence.estimator", REVERSE_KL_ESTIMATORS)
         if div.name == "alpha":
             _num(cfg, "divergence.alpha")
+        if div.source == "reference":
+            _num(cfg, "divergence.rehearsal_batch_size", kind=int, low=1)
+            _num(cfg, "presample.n", kind=int, low=1)
+            _num(cfg, "presample.temperature", low=0, low_open=True)
+            _num(cfg, "presample.threshold", low=0, high=1, low_open=True)
 
     # optimizer
     _num(cfg, "optimizer.lr", low=0, low_open=True)

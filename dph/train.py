@@ -71,7 +71,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
     finally:
         if trainer.acc.is_main_process:
             if ok:
-                trainer.logger.summary({**history, "model_dir": str(trainer.model_dir)})
+                trainer.logger.summary({**history, **trainer.split_summary(), "model_dir": str(trainer.model_dir)})
             trainer.logger.finish(0 if ok else 1)
             metrics_file = run_dir / "metrics.jsonl"
             if metrics_file.exists():
@@ -113,6 +113,36 @@ def main(cfg: DictConfig) -> float | list[float] | None:
     if cfg.optimized_metric is None:
         return None
     return objective(cfg, history)
+
+
+@hydra.main(version_base="1.3", config_path=str(package_root() / "conf"), config_name="config")
+def presample_main(cfg: DictConfig) -> None:
+    """`dph-presample`: only the pre-sampling stage (sample, split, cache) for the composed config.
+
+    dph-train runs it by itself when the divergence uses `source: reference` and no valid cache
+    exists; running it first lets several runs or sweep trials start from a ready cache.
+    """
+    from dph.models import load_policy, model_fingerprint, resolve_model_dir
+    from dph.presample import load_or_build, split_metrics
+    from dph.trainer import _unique_tasks
+
+    try:
+        task, eval_sets = setup(cfg)
+    except ConfigError as e:
+        sys.stderr.write(f"dph-presample: error: {e}\n")
+        sys.exit(2)
+    tasks = _unique_tasks([task, *(e.task for e in eval_sets)])
+    model_dir = resolve_model_dir(cfg.model, tasks, cfg.seed, cfg.paths.cache_dir)
+    policy, tokenizer = load_policy(model_dir, cfg.model, "cuda" if cfg.device != "cpu" and _cuda() else "cpu")
+    data = load_or_build(policy, tokenizer, task, model_fingerprint(model_dir), cfg, cfg.paths.cache_dir)
+    for key, value in split_metrics(data.manifest).items():
+        log.info("%s: %s", key, value)
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 if __name__ == "__main__":

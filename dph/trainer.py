@@ -23,6 +23,7 @@ unbiased pass@k for k = 1, 2, 4, ..., n, mean reward, entropy and distinct corre
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
@@ -37,9 +38,9 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from dph import algos, divergences
+from dph import algos, divergences, presample
 from dph.metrics import ks_up_to, pass_at_k_mean
-from dph.models import encode_prompts, load_policy, resolve_model_dir
+from dph.models import encode_prompts, load_policy, model_fingerprint, resolve_model_dir
 from dph.rollout import SequenceBatch, sample, token_logprobs
 from dph.tasks import Problem, Task
 
@@ -101,24 +102,51 @@ class Trainer:
         if self.acc.device.type == "cpu" and self.acc.num_processes > 1:
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // self.acc.num_processes))
         set_seed(cfg.seed + self.acc.process_index)
+        log.info("Training on %s with %d process(es)", self.acc.device, self.acc.num_processes)
 
         tasks = _unique_tasks([task, *(e.task for e in eval_sets)])
         with self.acc.main_process_first():  # rank 0 builds the tiny base model once; others then load it
             self.model_dir = resolve_model_dir(cfg.model, tasks, cfg.seed, cfg.paths.cache_dir)
         policy, self.tokenizer = load_policy(self.model_dir, cfg.model, self.acc.device)
 
+        # The divergence term: on rollouts against a frozen initial policy (a second model), or on
+        # pre-sampled initial-policy data (DPH: RL on D_exp only, no reference model at all).
         div_cfg = cfg.divergence
         self.divergence = None if div_cfg.name == "none" else divergences.get_divergence(div_cfg.name, **_div_params(div_cfg))
         self.reference = None
+        self.reference_data = None
+        train_problems = task.problems("train")
         if self.divergence is not None and div_cfg.source == "rollouts":
             self.reference = copy.deepcopy(policy).eval().requires_grad_(False)
+        elif self.divergence is not None:
+            with self.acc.main_process_first():
+                self.reference_data = presample.load_or_build(
+                    policy, self.tokenizer, task, model_fingerprint(self.model_dir), cfg, cfg.paths.cache_dir
+                )
+            counts = self.reference_data.manifest["counts"]
+            if counts["reference_samples"] == 0:
+                raise RuntimeError(
+                    f"presample: no training prompt reached presample.threshold={cfg.presample.threshold} "
+                    f"with presample.n={cfg.presample.n}, so there is nothing to rehearse: lower the threshold"
+                )
+            train_problems = self.reference_data.exploration_problems(task)
+            if not train_problems:
+                raise RuntimeError("presample: every training prompt is in D_pef, so RL has no prompt left: "
+                                   "raise presample.threshold or use divergence.source=rollouts")
+            log.info("DPH split: %d prompts in D_exp (RL), %d in D_pef (%d reference samples)",
+                     counts["d_exp"], counts["d_pef"], counts["reference_samples"])
+            self.rehearsal_rng = torch.Generator().manual_seed(cfg.seed + 1000 * self.acc.process_index)
 
         a = cfg.algorithm
         total_updates = cfg.trainer.steps * a.epochs * a.minibatches
         optimizer, self.scheduler = build_optimizer(policy.parameters(), cfg.optimizer, total_updates)
         self.policy, self.optimizer = self.acc.prepare(policy, optimizer)
-        self.prompts = PromptStream(task.problems("train"), cfg.seed)
+        self.prompts = PromptStream(train_problems, cfg.seed)
         self.history: dict[str, float] = {}
+
+    def split_summary(self) -> dict[str, Any]:
+        """D_exp / D_pef sizes and the pass-rate histogram, for the run summary (DPH only)."""
+        return presample.split_metrics(self.reference_data.manifest) if self.reference_data is not None else {}
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -156,6 +184,16 @@ class Trainer:
         size = self.cfg.trainer.micro_batch_size
         return [slice(i, min(n, i + size)) for i in range(0, n, size)]
 
+    def _denominator(self, mask: torch.Tensor) -> float:
+        """The loss aggregation's denominator over all ranks, divided by the world size because DDP
+        averages gradients: then the sum of micro-batch losses equals the full-batch loss."""
+        d = self._sum({"d": float(algos.agg_denominator(mask, self.cfg.algorithm.loss_agg))})["d"]
+        return max(d, 1e-8) / self.acc.num_processes
+
+    def _agg(self, loss_mat: torch.Tensor, mask: torch.Tensor, denom: float) -> torch.Tensor:
+        horizon = self.cfg.generation.max_new_tokens
+        return algos.agg_numerator(loss_mat * mask, mask, self.cfg.algorithm.loss_agg, horizon=horizon) / denom
+
     # ------------------------------------------------------------------ training
     def train_step(self, step: int) -> dict[str, float]:
         cfg, a = self.cfg, self.cfg.algorithm
@@ -164,23 +202,31 @@ class Trainer:
         batch = self._sample(problems, a.group_size)
         scores = [self.task.score(p, text) for p, text in zip(_repeat(problems, a.group_size), batch.texts, strict=True)]
         rewards = torch.tensor([s.reward for s in scores], dtype=torch.float32, device=self.acc.device)
-        advantages, _ = algos.group_advantages(rewards, a.group_size, norm_by_std=a.norm_adv_by_std)
+        advantages, adv_stats = algos.group_advantages(rewards, a.group_size, norm_by_std=a.norm_adv_by_std)
         ref_logp = self._forward_no_grad(self.reference, batch)[0] if self.reference is not None else None
         old_logp = self._forward_no_grad(self.policy, batch)[0] if a.epochs * a.minibatches > 1 else None
+        rehearsal = None
+        if self.reference_data is not None:
+            rb, rlp = self.reference_data.draw(self._shard_size(self.cfg.divergence.rehearsal_batch_size), self.rehearsal_rng)
+            rehearsal = (rb, rlp.to(self.acc.device))
         t1 = time.perf_counter()
 
         sums: dict[str, float] = dict.fromkeys(
-            ("loss", "pg_loss", "div_loss", "divergence", "entropy_sum", "tokens", "clipped"), 0.0
+            ("loss", "pg_loss", "div_loss", "divergence", "entropy_sum", "tokens", "clipped",
+             "ratio_sum", "approx_kl_sum", "rehearsal_logprob_sum", "rehearsal_tokens"), 0.0
         )
         for _ in range(a.epochs):
-            order = torch.randperm(len(batch), device=self.acc.device) if a.minibatches > 1 else torch.arange(len(batch))
-            for rows in order.chunk(a.minibatches):
-                self._update(batch, rows, advantages, old_logp, ref_logp, sums)
+            order = torch.randperm(len(batch)) if a.minibatches > 1 else torch.arange(len(batch))
+            rehearsal_order = torch.arange(len(rehearsal[0])) if rehearsal is not None else None
+            for j, rows in enumerate(order.chunk(a.minibatches)):
+                rehearsal_rows = rehearsal_order.chunk(a.minibatches)[j] if rehearsal is not None else None
+                self._update(batch, rows, advantages, old_logp, ref_logp, rehearsal, rehearsal_rows, sums)
         t2 = time.perf_counter()
 
         mask = batch.response_mask.float()
         sums.update(
             reward_sum=float(rewards.sum()), n_responses=len(batch), response_tokens=float(mask.sum()),
+            zero_std_groups=float(adv_stats["zero_std_frac"]) * len(problems), groups=len(problems),
             rollout_s=t1 - t0, update_s=t2 - t1,
         )
         s = self._sum(dict(sums))
@@ -190,59 +236,91 @@ class Trainer:
             "train/reward_mean": s["reward_sum"] / s["n_responses"],
             "train/response_length": s["response_tokens"] / s["n_responses"],
             "train/entropy": s["entropy_sum"] / max(1.0, s["tokens"]),
-            "train/loss": s["loss"] / n_updates,
-            "train/pg_loss": s["pg_loss"] / n_updates,
-            "train/div_loss": s["div_loss"] / n_updates,
-            "train/divergence": s["divergence"] / n_updates,
+            "train/loss": s["loss"] / n_updates / world,
+            "train/pg_loss": s["pg_loss"] / n_updates / world,
+            "train/div_loss": s["div_loss"] / n_updates / world,
+            "train/divergence": s["divergence"] / n_updates / world,
             "train/clip_frac": s["clipped"] / max(1.0, s["tokens"]),
+            "train/ratio_mean": s["ratio_sum"] / max(1.0, s["tokens"]),
+            "train/approx_kl": s["approx_kl_sum"] / max(1.0, s["tokens"]),
+            "train/zero_std_frac": s["zero_std_groups"] / max(1.0, s["groups"]),
             "train/lr": self.scheduler.get_last_lr()[0],
             "time/rollout_s": s["rollout_s"] / world,
             "time/update_s": s["update_s"] / world,
         }
+        if rehearsal is not None:
+            metrics["train/div_value"] = metrics["train/divergence"]
+            metrics["train/rehearsal_logprob"] = s["rehearsal_logprob_sum"] / max(1.0, s["rehearsal_tokens"])
         return metrics
 
-    def _update(self, batch, rows, advantages, old_logp, ref_logp, sums) -> None:
-        """One optimizer step on the rollout rows `rows` (micro-batched, exact aggregation)."""
-        a, div_cfg = self.cfg.algorithm, self.cfg.divergence
+    def _shard_size(self, n: int) -> int:
+        """This rank's share of a per-step count split over ranks."""
+        r, k = self.acc.process_index, self.acc.num_processes
+        return (r + 1) * n // k - r * n // k
+
+    def _update(self, batch, rows, advantages, old_logp, ref_logp, rehearsal, rehearsal_rows, sums) -> None:
+        """One optimizer step: the policy-gradient loss on rollout rows `rows` plus the weighted
+        divergence (on the same rollouts, or on the rehearsal rows), micro-batched with exact
+        aggregation; gradients are synchronised across ranks on the last backward only."""
+        jobs = []
         mb = batch.select(rows)
-        mask = mb.response_mask.float()
-        # The aggregation's denominator over the whole minibatch and all ranks, so that the sum of
-        # micro-batch losses equals the full-batch loss (DDP then averages gradients over ranks).
-        denom = self._sum({"d": algos.agg_denominator(mask, a.loss_agg)})["d"] / self.acc.num_processes
-        micro = self._micro(len(mb))
-        for i, s in enumerate(micro):
-            part = mb.select(s)
-            pmask = part.response_mask.float()
-            idx = rows[s]
-            with self.acc.no_sync(self.policy) if i < len(micro) - 1 else _nullcontext():
-                logp, entropy = token_logprobs(self.policy, part, self.cfg.generation.temperature)
-                old = logp.detach() if old_logp is None else old_logp[idx]
-                pg_tok, pg_stats = algos.ppo_clip_loss(
-                    logp, old, advantages[idx], pmask, clip_low=a.clip_low, clip_high=a.clip_high
-                )
-                pg = algos.agg_numerator(pg_tok, pmask, a.loss_agg, horizon=self.cfg.generation.max_new_tokens) / denom
-                loss = pg
-                if ref_logp is not None:
-                    surrogate, value = divergences.token_divergence(
-                        self.divergence, logp, ref_logp[idx], source="rollouts", estimator=div_cfg.get("estimator")
-                    )
-                    horizon = self.cfg.generation.max_new_tokens
-                    div = algos.agg_numerator(surrogate * pmask, pmask, a.loss_agg, horizon=horizon) / denom
-                    loss = loss + div_cfg.weight * div
-                    sums["div_loss"] += float(div.detach())
-                    sums["divergence"] += float(algos.agg_numerator(value * pmask, pmask, a.loss_agg, horizon=horizon) / denom)
+        denom = self._denominator(mb.response_mask.float())
+        for s in self._micro(len(mb)):
+            jobs.append((self._rollout_loss, (mb.select(s), rows[s], advantages, old_logp, ref_logp, denom)))
+        if rehearsal is not None:
+            rb = rehearsal[0].select(rehearsal_rows)
+            rlp = rehearsal[1][rehearsal_rows]
+            rdenom = self._denominator(rb.response_mask.float())
+            for s in self._micro(len(rb)):
+                jobs.append((self._rehearsal_loss, (rb.select(s), rlp[s], rdenom)))
+        for i, (fn, args) in enumerate(jobs):
+            with self.acc.no_sync(self.policy) if i < len(jobs) - 1 else contextlib.nullcontext():
+                loss = fn(*args, sums)
                 self.acc.backward(loss)
-            n_tok = float(pmask.sum())
             sums["loss"] += float(loss.detach())
-            sums["pg_loss"] += float(pg.detach())
-            sums["entropy_sum"] += float((entropy * pmask).sum())
-            sums["tokens"] += n_tok
-            sums["clipped"] += float(pg_stats["clip_frac"]) * n_tok
         if self.cfg.optimizer.max_grad_norm is not None:
             self.acc.clip_grad_norm_(self.policy.parameters(), self.cfg.optimizer.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+
+    def _rollout_loss(self, part: SequenceBatch, idx, advantages, old_logp, ref_logp, denom, sums) -> torch.Tensor:
+        """PPO-clipped loss on rollouts, plus the on-policy divergence surrogate when it uses rollouts."""
+        a = self.cfg.algorithm
+        mask = part.response_mask.float()
+        logp, entropy = token_logprobs(self.policy, part, self.cfg.generation.temperature)
+        old = logp.detach() if old_logp is None else old_logp[idx]
+        pg_tok, pg_stats = algos.ppo_clip_loss(logp, old, advantages[idx], mask, clip_low=a.clip_low, clip_high=a.clip_high)
+        loss = pg = self._agg(pg_tok, mask, denom)
+        if ref_logp is not None:
+            surrogate, value = divergences.token_divergence(
+                self.divergence, logp, ref_logp[idx], source="rollouts",
+                estimator=self.cfg.divergence.get("estimator") if self.cfg.divergence.name == "reverse_kl" else None,
+            )
+            div = self._agg(surrogate, mask, denom)
+            loss = loss + self.cfg.divergence.weight * div
+            sums["div_loss"] += float(div.detach())
+            sums["divergence"] += float(self._agg(value, mask, denom))
+        n_tok = float(mask.sum())
+        sums["pg_loss"] += float(pg.detach())
+        sums["entropy_sum"] += float((entropy * mask).sum())
+        sums["tokens"] += n_tok
+        sums["clipped"] += float(pg_stats["clip_frac"]) * n_tok
+        sums["ratio_sum"] += float(pg_stats["ratio_mean"]) * n_tok
+        sums["approx_kl_sum"] += float(pg_stats["approx_kl"]) * n_tok
+        return loss
+
+    def _rehearsal_loss(self, part: SequenceBatch, ref_logp, denom, sums) -> torch.Tensor:
+        """DPH: weight * D_f on pre-sampled initial-policy responses (stored log-probs, no reference model)."""
+        mask = part.response_mask.float()
+        logp, _ = token_logprobs(self.policy, part, self.cfg.generation.temperature)
+        surrogate, value = divergences.token_divergence(self.divergence, logp, ref_logp, source="reference")
+        div = self._agg(surrogate, mask, denom)
+        sums["div_loss"] += float(div.detach())
+        sums["divergence"] += float(self._agg(value, mask, denom))
+        sums["rehearsal_logprob_sum"] += float((logp.detach() * mask).sum())
+        sums["rehearsal_tokens"] += float(mask.sum())
+        return self.cfg.divergence.weight * div
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
@@ -309,6 +387,9 @@ class Trainer:
 
         cfg = self.cfg
         self.step = 0
+        split = {k: v for k, v in self.split_summary().items() if not isinstance(v, dict)}
+        if split:
+            self._log(split, 0)
         self._eval_and_report(0)
         every = cfg.eval.every
         bar = tqdm(range(1, cfg.trainer.steps + 1), desc="training", unit="step", disable=not self.acc.is_main_process)
@@ -320,14 +401,6 @@ class Trainer:
             if (every and step % every == 0) or step == cfg.trainer.steps:
                 self._eval_and_report(step)
         return dict(self.history)
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _repeat(items: list, n: int) -> list:

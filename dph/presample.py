@@ -1,0 +1,232 @@
+"""The pre-sampling stage of DPH-RL: sample the initial policy once, split the prompts, store references.
+
+For every training prompt, `presample.n` responses are sampled from the initial policy at
+`presample.temperature` and scored by the task's verifier. Prompts whose pass rate reaches
+`presample.threshold` form D_pef (already solved: rehearse them); the rest form D_exp (explore
+them with RL). For D_pef prompts the correct responses are kept with their per-token log-probs
+under the initial policy, from a forward pass at `generation.temperature` (the distribution the
+trainer scores tokens under), so they are exact for the stored tokens and no reference model is
+needed during training.
+
+Cache layout, `<cache_dir>/presample/<key>/`:
+    reference.safetensors  input_ids, attention_mask, response_mask, ref_logprobs, problem_index
+    manifest.json          key, spec, counts, pass-rate histogram, D_pef / D_exp ids, file sha256,
+                           creation time
+The key hashes everything that determines the result (model fingerprint, task fingerprint,
+presample settings, generation length and temperature, seed). The directory is written to a
+temporary name and renamed into place under a file lock, so runs and sweep trials in parallel
+build it once; a cache whose manifest or tensors do not match is rebuilt, with a warning.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from filelock import FileLock
+from safetensors.torch import load_file, save_file
+
+from dph.models import encode_prompts, fingerprint_hash
+from dph.rollout import SequenceBatch, sample, token_logprobs
+from dph.tasks import Problem, Task
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+TENSOR_FILE, MANIFEST_FILE = "reference.safetensors", "manifest.json"
+TENSOR_KEYS = ("input_ids", "attention_mask", "response_mask", "ref_logprobs", "problem_index")
+
+
+@dataclass
+class ReferenceData:
+    """Pre-sampled D_pef responses of the initial policy with their per-token log-probs."""
+
+    batch: SequenceBatch
+    ref_logprobs: torch.Tensor  # [N, T], zeros on padding
+    problem_index: torch.Tensor  # [N], index into the task's train split
+    manifest: dict[str, Any]
+
+    def __len__(self) -> int:
+        return len(self.batch)
+
+    def exploration_problems(self, task: Task) -> list[Problem]:
+        """D_exp: the train prompts the initial policy does not solve reliably."""
+        keep = set(self.manifest["d_exp"])
+        return [p for p in task.problems("train") if p.id in keep]
+
+    def draw(self, n: int, generator: torch.Generator) -> tuple[SequenceBatch, torch.Tensor]:
+        """A random rehearsal batch of n reference responses (with replacement across steps)."""
+        rows = torch.randperm(len(self), generator=generator)[:n]
+        return self.batch.select(rows), self.ref_logprobs[rows]
+
+
+def presample_spec(model_fp: dict, task: Task, cfg) -> dict[str, Any]:
+    """Everything that determines the pre-sampling result; its hash is the cache key."""
+    return {
+        "format": FORMAT_VERSION,
+        "model": model_fp,
+        "chat_template": bool(cfg.model.chat_template),
+        "task": {"name": task.name, **task.fingerprint()},
+        "presample": {k: cfg.presample[k] for k in ("n", "temperature", "threshold")},
+        "max_new_tokens": cfg.generation.max_new_tokens,
+        "logprob_temperature": cfg.generation.temperature,
+        "seed": cfg.seed,
+    }
+
+
+def load_or_build(policy, tokenizer, task: Task, model_fp: dict, cfg, cache_dir: str | Path) -> ReferenceData:
+    """Reuse the cache for this key when it is valid; otherwise pre-sample and write it."""
+    spec = presample_spec(model_fp, task, cfg)
+    key = fingerprint_hash(spec)
+    root = Path(cache_dir) / "presample"
+    target = root / key
+    root.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        if target.exists():
+            try:
+                data = _load(target, key)
+                log.info("Using the pre-sampling cache %s (no sampling needed)", target)
+                return data
+            except CacheMismatch as e:
+                log.warning("Pre-sampling cache %s is not valid (%s): rebuilding it", target, e)
+                shutil.rmtree(target)
+        tmp = Path(tempfile.mkdtemp(prefix=key + ".tmp-", dir=root))
+        try:
+            _build(policy, tokenizer, task, spec, key, cfg, tmp)
+            os.replace(tmp, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return _load(target, key)
+
+
+class CacheMismatch(ValueError):
+    pass
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _load(directory: Path, key: str) -> ReferenceData:
+    try:
+        manifest = json.loads((directory / MANIFEST_FILE).read_text())
+    except (OSError, ValueError) as e:
+        raise CacheMismatch(f"unreadable {MANIFEST_FILE}: {e}") from e
+    if manifest.get("key") != key or manifest.get("format") != FORMAT_VERSION:
+        raise CacheMismatch(f"manifest key {manifest.get('key')!r} does not match {key!r}")
+    tensor_path = directory / TENSOR_FILE
+    if not tensor_path.exists() or _sha256(tensor_path) != manifest.get("sha256"):
+        raise CacheMismatch(f"{TENSOR_FILE} is missing or its sha256 differs from the manifest")
+    t = load_file(tensor_path)
+    if set(t) != set(TENSOR_KEYS) or len(t["input_ids"]) != manifest["counts"]["reference_samples"]:
+        raise CacheMismatch(f"{TENSOR_FILE} holds {sorted(t)} with an unexpected shape")
+    batch = SequenceBatch(t["input_ids"], t["attention_mask"], t["response_mask"], [""] * len(t["input_ids"]))
+    return ReferenceData(batch, t["ref_logprobs"], t["problem_index"], manifest)
+
+
+@torch.no_grad()
+def _build(policy, tokenizer, task: Task, spec: dict, key: str, cfg, out_dir: Path) -> None:
+    from tqdm.auto import tqdm
+
+    p = cfg.presample
+    problems = task.problems("train")
+    log.info("Pre-sampling %d responses for each of %d training prompts (once per cache key)", p.n, len(problems))
+    torch.manual_seed(cfg.seed)
+    chunk = max(1, cfg.generation.batch_size // p.n)
+    pass_counts: list[int] = []
+    kept: list[SequenceBatch] = []
+    kept_index: list[int] = []
+    for start in tqdm(range(0, len(problems), chunk), desc="pre-sampling", unit="batch"):
+        part = problems[start : start + chunk]
+        ids = encode_prompts(tokenizer, [q.prompt for q in part], cfg.model.chat_template)
+        batch = sample(policy, tokenizer, ids, n=p.n, max_new_tokens=cfg.generation.max_new_tokens,
+                       temperature=p.temperature, top_p=1.0, batch_size=cfg.generation.batch_size)
+        correct = torch.tensor([task.score(part[i // p.n], text).reward > 0 for i, text in enumerate(batch.texts)])
+        for j in range(len(part)):
+            c = int(correct[j * p.n : (j + 1) * p.n].sum())
+            pass_counts.append(c)
+            if c / p.n >= p.threshold:
+                rows = torch.nonzero(correct[j * p.n : (j + 1) * p.n]).flatten() + j * p.n
+                kept.append(batch.select(rows.to(batch.input_ids.device)))
+                kept_index += [start + j] * len(rows)
+    pef = [q.id for q, c in zip(problems, pass_counts, strict=True) if c / p.n >= p.threshold]
+    exp = [q.id for q, c in zip(problems, pass_counts, strict=True) if c / p.n < p.threshold]
+
+    tensors = _stack(kept, tokenizer.pad_token_id)
+    if tensors is not None:
+        logps = [token_logprobs(policy, tensors.select(slice(i, i + 256)), cfg.generation.temperature)[0]
+                 for i in range(0, len(tensors), 256)]
+        ref_logprobs = torch.cat(logps).float()
+    else:
+        tensors = SequenceBatch(torch.zeros(0, 1, dtype=torch.long), torch.zeros(0, 1, dtype=torch.long),
+                                torch.zeros(0, 1, dtype=torch.long), [])
+        ref_logprobs = torch.zeros(0, 1)
+    save_file(
+        {
+            "input_ids": tensors.input_ids.cpu().contiguous(),
+            "attention_mask": tensors.attention_mask.cpu().contiguous(),
+            "response_mask": tensors.response_mask.cpu().contiguous(),
+            "ref_logprobs": ref_logprobs.cpu().contiguous(),
+            "problem_index": torch.tensor(kept_index, dtype=torch.long),
+        },
+        str(out_dir / TENSOR_FILE),
+    )
+    histogram = Counter(pass_counts)
+    manifest = {
+        "format": FORMAT_VERSION,
+        "key": key,
+        "spec": spec,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "counts": {
+            "prompts": len(problems),
+            "d_pef": len(pef),
+            "d_exp": len(exp),
+            "reference_samples": len(kept_index),
+        },
+        "pass_rate_histogram": {f"{c}/{p.n}": histogram.get(c, 0) for c in range(p.n + 1)},
+        "d_pef": pef,
+        "d_exp": exp,
+        "sha256": _sha256(out_dir / TENSOR_FILE),
+    }
+    (out_dir / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1))
+
+
+def _stack(batches: list[SequenceBatch], pad_id: int) -> SequenceBatch | None:
+    """Concatenate batches of different widths into one (prompt left-, response right-padded)."""
+    if not batches:
+        return None
+    width_p = max(b.prompt_width for b in batches)
+    width_r = max(b.response_mask.shape[1] for b in batches)
+    ids, attn, resp = [], [], []
+    for b in batches:
+        dp, dr = width_p - b.prompt_width, width_r - b.response_mask.shape[1]
+        ids.append(torch.nn.functional.pad(b.input_ids, (dp, dr), value=pad_id))
+        attn.append(torch.nn.functional.pad(b.attention_mask, (dp, dr), value=0))
+        resp.append(torch.nn.functional.pad(b.response_mask, (0, dr), value=0))
+    return SequenceBatch(torch.cat(ids), torch.cat(attn), torch.cat(resp), [t for b in batches for t in b.texts])
+
+
+def split_metrics(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The split as run-summary values: sizes of D_pef / D_exp, reference samples, histogram."""
+    counts = manifest["counts"]
+    return {
+        "presample/d_pef": counts["d_pef"],
+        "presample/d_exp": counts["d_exp"],
+        "presample/d_pef_fraction": counts["d_pef"] / max(1, counts["prompts"]),
+        "presample/reference_samples": counts["reference_samples"],
+        "presample/pass_rate_histogram": manifest["pass_rate_histogram"],
+    }
