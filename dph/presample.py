@@ -104,6 +104,7 @@ def load_or_build(policy, tokenizer, task: Task, model_fp: dict, cfg, cache_dir:
         try:
             _build(policy, tokenizer, task, spec, key, cfg, tmp)
             os.replace(tmp, target)
+            log.info("Wrote the pre-sampling cache %s", target)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return _load(target, key)

@@ -213,13 +213,14 @@ class Trainer:
 
         sums: dict[str, float] = dict.fromkeys(
             ("loss", "pg_loss", "div_loss", "divergence", "entropy_sum", "tokens", "clipped",
-             "ratio_sum", "approx_kl_sum", "rehearsal_logprob_sum", "rehearsal_tokens"), 0.0
+             "ratio_sum", "approx_kl_sum", "rehearsal_logprob_sum", "rehearsal_tokens", "div_updates"), 0.0
         )
         for _ in range(a.epochs):
             order = torch.randperm(len(batch)) if a.minibatches > 1 else torch.arange(len(batch))
             rehearsal_order = torch.arange(len(rehearsal[0])) if rehearsal is not None else None
-            for j, rows in enumerate(order.chunk(a.minibatches)):
-                rehearsal_rows = rehearsal_order.chunk(a.minibatches)[j] if rehearsal is not None else None
+            # tensor_split always gives `minibatches` parts (chunk gives fewer when rows are few)
+            for j, rows in enumerate(torch.tensor_split(order, a.minibatches)):
+                rehearsal_rows = torch.tensor_split(rehearsal_order, a.minibatches)[j] if rehearsal is not None else None
                 self._update(batch, rows, advantages, old_logp, ref_logp, rehearsal, rehearsal_rows, sums)
         t2 = time.perf_counter()
 
@@ -238,8 +239,9 @@ class Trainer:
             "train/entropy": s["entropy_sum"] / max(1.0, s["tokens"]),
             "train/loss": s["loss"] / n_updates / world,
             "train/pg_loss": s["pg_loss"] / n_updates / world,
-            "train/div_loss": s["div_loss"] / n_updates / world,
-            "train/divergence": s["divergence"] / n_updates / world,
+            # means over the updates that had a divergence term (a minibatch may draw no rehearsal row)
+            "train/div_loss": s["div_loss"] / max(1.0, s["div_updates"]),
+            "train/divergence": s["divergence"] / max(1.0, s["div_updates"]),
             "train/clip_frac": s["clipped"] / max(1.0, s["tokens"]),
             "train/ratio_mean": s["ratio_sum"] / max(1.0, s["tokens"]),
             "train/approx_kl": s["approx_kl_sum"] / max(1.0, s["tokens"]),
@@ -267,10 +269,14 @@ class Trainer:
         denom = self._denominator(mb.response_mask.float())
         for s in self._micro(len(mb)):
             jobs.append((self._rollout_loss, (mb.select(s), rows[s], advantages, old_logp, ref_logp, denom)))
+        if ref_logp is not None:
+            sums["div_updates"] += 1
         if rehearsal is not None:
             rb = rehearsal[0].select(rehearsal_rows)
             rlp = rehearsal[1][rehearsal_rows]
             rdenom = self._denominator(rb.response_mask.float())
+            if rdenom > 1e-6:  # some rank drew rehearsal rows for this minibatch
+                sums["div_updates"] += 1
             for s in self._micro(len(rb)):
                 jobs.append((self._rehearsal_loss, (rb.select(s), rlp[s], rdenom)))
         for i, (fn, args) in enumerate(jobs):

@@ -58,3 +58,79 @@ def run_cli(args: list[str], *, cwd: Path | None = None, env: dict | None = None
 
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+# Impossible config values: (overrides, the key the error must name). Shared by the in-process
+# validation tests and the CLI tests (which check the same values fail before any work starts).
+BAD_VALUES = [
+    (["divergence=js", "divergence.weight=-0.5"], "divergence.weight"),
+    (["eval.n=64", "optimized_metric=eval/test/pass@128"], "optimized_metric"),
+    (["algorithm.group_size=0"], "algorithm.group_size"),
+    (["algorithm.group_size=1"], "algorithm.group_size"),
+    (["eval.splits=[nope]"], "eval.splits"),
+    (["model=hf", "model.path=/nonexistent/model/dir"], "model.path"),
+    (["model=hf"], "model.path"),
+    (["generation.temperature=0"], "generation.temperature"),
+    (["generation.top_p=1.5"], "generation.top_p"),
+    (["algorithm.loss_agg=seq-sum"], "algorithm.loss_agg"),
+    (["optimized_metric=train/not_a_metric"], "optimized_metric"),
+    (["divergence=reverse_kl", "divergence.estimator=k9"], "divergence.estimator"),
+]
+
+
+def with_overrides(base: list[str], *extra: str) -> list[str]:
+    """`base` with the `key=value` items of `extra` replacing those of the same key (appended otherwise)."""
+    keys = {item.split("=", 1)[0] for item in extra}
+    return [item for item in base if item.split("=", 1)[0] not in keys] + list(extra)
+
+
+def compose_config(overrides: list[str], *, hydra: bool = True):
+    """The composed dph-train config for `overrides` (Hydra's compose API), with the `hydra` node
+    (as a run sees it) or without it (as `--cfg job` prints it and the run config stores it)."""
+    from hydra import compose, initialize_config_dir
+
+    import dph.config  # noqa: F401  (registers the dph_root resolver)
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose(config_name="config", overrides=overrides, return_hydra_config=hydra)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(cache_dir) -> Path:
+    """The tiny base model of TINY_OVERRIDES, built once into the session cache (in-process, so
+    that every dph-train subprocess of the session finds it there and only loads it)."""
+    from dph.models import resolve_model_dir
+    from dph.train import setup
+    from dph.trainer import _unique_tasks
+
+    cfg = compose_config(with_overrides(TINY_OVERRIDES, f"paths.cache_dir={cache_dir}"))
+    task, eval_sets = setup(cfg)
+    tasks = _unique_tasks([task, *(e.task for e in eval_sets)])
+    return resolve_model_dir(cfg.model, tasks, cfg.seed, cfg.paths.cache_dir)
+
+
+@pytest.fixture(scope="session")
+def hf_model_dir(tmp_path_factory) -> Path:
+    """A tiny random Qwen2 saved with save_pretrained, with a Qwen-like character tokenizer: no bos
+    and no pad token (the loader falls back to eos for padding)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+    import string
+    import torch
+
+    chars = [c for c in string.printable if c not in "\t\r\x0b\x0c"]
+    vocab = {tok: i for i, tok in enumerate(["<|unk|>", "<|endoftext|>", *chars])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<|unk|>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex(""), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>", unk_token="<|unk|>")
+    torch.manual_seed(0)
+    config = Qwen2Config(
+        vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+        tie_word_embeddings=True, eos_token_id=tok.eos_token_id, bos_token_id=None, pad_token_id=None,
+    )
+    out = tmp_path_factory.mktemp("qwen2-tiny")
+    Qwen2ForCausalLM(config).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out

@@ -1,0 +1,174 @@
+"""dph.config: every config group option composes and validates; impossible values name their key;
+every key of conf/ is documented."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from conftest import BAD_VALUES, ROOT, compose_config
+from dph.config import ConfigError, split_eval_spec, validate
+from dph.train import objective, setup
+
+CONF = ROOT / "conf"
+GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir())
+OPTIONS = [(group, p.stem) for group in GROUPS for p in sorted((CONF / group).glob("*.yaml"))]
+
+
+def test_groups_are_found():
+    names = {group for group, _ in OPTIONS}
+    assert {"task", "model", "divergence", "optimizer", "logger"} <= names
+    assert {"countdown", "sql"} <= {option for group, option in OPTIONS if group == "task"}
+    assert {"none", "reverse_kl", "forward_kl", "js", "alpha"} <= {o for g, o in OPTIONS if g == "divergence"}
+
+
+@pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
+def test_every_option_composes_and_validates(group, option, hf_model_dir, tmp_path):
+    overrides = [f"{group}={option}"]
+    if (group, option) == ("model", "hf"):
+        overrides.append(f"model.path={hf_model_dir}")
+    if (group, option) == ("task", "sql"):
+        overrides.append(f"task.cache_dir={tmp_path / 'sql'}")
+    cfg = compose_config(overrides)
+    task, eval_sets = setup(cfg)
+    assert task.name == cfg.task.name
+    assert [e.label for e in eval_sets] == list(cfg.eval.splits)
+    for e in eval_sets:
+        assert e.split in e.task.split_names
+    if group in ("task", "model", "divergence", "optimizer"):
+        assert cfg[group].name == option
+    if group == "logger":
+        assert cfg.logger.backend == option
+
+
+def test_values_given_on_the_command_line_are_kept():
+    cfg = compose_config(["divergence=js", "divergence.weight=0.1", "optimizer.lr=1e-4"])
+    setup(cfg)
+    assert cfg.divergence.name == "js"
+    assert cfg.divergence.weight == 0.1
+    assert cfg.optimizer.lr == 1e-4
+    assert cfg.hydra.runtime.choices.divergence == "js"
+
+
+@pytest.mark.parametrize("task", [o for g, o in OPTIONS if g == "task"])
+def test_eval_on_another_task(task, tmp_path):
+    """eval.splits may name a split of another task ("<task>/<split>"), configured by conf/task/<task>.yaml."""
+    other = "sql" if task != "sql" else "countdown"
+    overrides = [f"task={task}", f"eval.splits=[test,{other}/ood]", f"optimized_metric=eval/{other}/ood/pass@8"]
+    if task == "sql":
+        overrides.append(f"task.cache_dir={tmp_path / 'sql'}")
+    main_task, eval_sets = setup(compose_config(overrides))
+    assert [(e.label, e.task.name, e.split) for e in eval_sets] == [
+        ("test", task, "test"), (f"{other}/ood", other, "ood")
+    ]
+    assert split_eval_spec(f"{other}/ood", task) == (other, "ood")
+
+
+@pytest.mark.parametrize(("overrides", "key"), BAD_VALUES, ids=[" ".join(o) for o, _ in BAD_VALUES])
+def test_impossible_values_raise_config_error_naming_the_key(overrides, key):
+    cfg = compose_config(overrides)
+    with pytest.raises(ConfigError) as info:
+        setup(cfg)
+    assert key in str(info.value)
+
+
+def test_validate_reports_the_first_bad_key_and_the_fix():
+    cfg = compose_config(["generation.top_p=1.5"])
+    with pytest.raises(ConfigError, match=r"generation\.top_p=1\.5 is not allowed: use a number > 0 and <= 1"):
+        validate(cfg, {"countdown": ("train", "test", "ood")})
+    cfg = compose_config(["eval.splits=[test]", "eval.n=8"])  # the default optimized_metric is eval/test/pass@8
+    assert validate(cfg, {"countdown": ("train", "test", "ood")}) == ["test"]
+    cfg = compose_config(["eval.splits=[test]", "eval.n=4"])
+    with pytest.raises(ConfigError, match=r"optimized_metric='eval/test/pass@8'.*eval\.n=4"):
+        validate(cfg, {"countdown": ("train", "test", "ood")})
+
+
+def test_a_task_without_train_split_cannot_be_trained():
+    cfg = compose_config(["eval.splits=[test]"])
+    with pytest.raises(ConfigError, match="no train split"):
+        validate(cfg, {"countdown": ("test",)})
+
+
+def test_a_list_of_optimized_metrics_validates():
+    cfg = compose_config(["optimized_metric=[eval/test/pass@1,eval/ood/pass@64,train/entropy]"])
+    setup(cfg)
+    with pytest.raises(ConfigError, match="optimized_metric"):
+        setup(compose_config(["optimized_metric=[eval/test/pass@1,eval/ood/pass@128]"]))
+
+
+def test_objective_returns_the_optimized_metrics():
+    history = {"eval/test/pass@1": 0.25, "eval/test/pass@8": 0.75, "train/entropy": 1.5}
+    assert objective(OmegaConf.create({"optimized_metric": "eval/test/pass@8"}), history) == 0.75
+    both = OmegaConf.create({"optimized_metric": ["eval/test/pass@1", "eval/test/pass@8"]})
+    assert objective(both, history) == [0.25, 0.75]
+    with pytest.raises(KeyError, match="eval/ood/pass@8"):
+        objective(OmegaConf.create({"optimized_metric": "eval/ood/pass@8"}), history)
+
+
+# ---------------------------------------------------------------------------- documentation of conf/
+_KEY = re.compile(r"^(?P<indent> *)(?P<key>[A-Za-z_][\w@.-]*):(?P<rest>(?: .*)?)$")
+
+
+def _comment(rest: str) -> bool:
+    """Whether the text after a key's colon holds a `#` comment (outside quotes)."""
+    unquoted = re.sub(r"\"[^\"]*\"|'[^']*'", "", rest)
+    return re.search(r"(^|\s)#", unquoted) is not None
+
+
+def _leaf_keys(path: Path) -> tuple[list[tuple[tuple[str, ...], bool, int, str]], bool]:
+    """([(key path, documented, line number, value)] of the keys that hold a value, global package flag)."""
+    lines = path.read_text().splitlines()
+    stack: list[tuple[int, str]] = []
+    out = []
+    for number, line in enumerate(lines, 1):
+        m = _KEY.match(line)
+        if m is None:
+            continue
+        indent, key, rest = len(m["indent"]), m["key"], m["rest"]
+        while stack and stack[-1][0] >= indent:
+            stack.pop()
+        value = re.sub(r"\s#.*$", "", rest).strip()
+        if value == "" and key != "defaults":  # a section: its keys are documented one by one
+            stack.append((indent, key))
+            continue
+        if key == "defaults":
+            stack.append((indent, key))
+            continue
+        above = lines[number - 2].strip() if number > 1 else ""
+        documented = _comment(rest) or (above.startswith("#") and not above.startswith("# @package"))
+        out.append(((*[k for _, k in stack], key), documented, number, value))
+    return out, lines[0].strip() == "# @package _global_"
+
+
+def test_every_conf_key_is_documented():
+    """Each option is documented once, by a comment on its line (or the line above). Exempt:
+    a group file's `name` equal to the option (the file's header says what it is), a key repeated
+    in a sibling block (countdown's `test`/`ood` splits repeat `train`'s keys), and a key that an
+    experiment preset (`# @package _global_`) sets but that its own group file or config.yaml
+    documents."""
+    files = sorted(CONF.rglob("*.yaml"))
+    documented: set[tuple[str, ...]] = set()
+    parsed = {}
+    for path in files:
+        keys, is_global = _leaf_keys(path)
+        prefix = () if path.parent == CONF or is_global else (path.parent.name,)
+        parsed[path] = (keys, is_global, prefix)
+        if not is_global:
+            documented |= {prefix + k for k, doc, _, _ in keys if doc}
+    assert {("algorithm", "group_size"), ("task", "splits", "train", "size"), ("divergence", "weight")} <= documented
+    undocumented = []
+    for path, (keys, is_global, prefix) in parsed.items():
+        header = [ln for ln in path.read_text().splitlines()[:2] if ln.startswith("#") and "@package" not in ln]
+        if not header:
+            undocumented.append(f"{path.relative_to(ROOT)}: no header comment saying what the file is")
+        for key, doc, number, value in keys:
+            full = prefix + key
+            sibling = any(len(d) == len(full) and d[:-2] == full[:-2] and d[-1] == full[-1] for d in documented)
+            is_name = bool(prefix) and key == ("name",) and value == path.stem
+            if doc or is_name or sibling or (is_global and full in documented):
+                continue
+            undocumented.append(f"{path.relative_to(ROOT)}:{number}: {'.'.join(key)}")
+    assert not undocumented, "keys without a comment:\n" + "\n".join(undocumented)

@@ -1,0 +1,147 @@
+"""dph.rollout: the padded layout, and log-probs that match the distribution HF generate sampled from."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dph.models import char_tokenizer, encode_prompts
+from dph.rollout import SequenceBatch, collate, sample, token_logprobs
+
+PROMPTS = ["3 5 7 -> 22: ", "1 2 -> 3: ", "10 4 9 13 -> 250: ", "8 -> "]  # different lengths: left padding
+TEMPERATURE = 0.7
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return char_tokenizer()
+
+
+@pytest.fixture(scope="module", params=["llama", "gpt2"])
+def model(request, tokenizer):
+    """A random tiny Llama (rotary positions: only relative offsets matter, so it checks masking) and
+    a random tiny GPT-2 (absolute positions: a left-padding offset would change every log-prob)."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+               pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    if request.param == "llama":
+        config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, **ids)
+        return LlamaForCausalLM(config).eval()
+    config = GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=4, n_positions=128, **ids)
+    return GPT2LMHeadModel(config).eval()
+
+
+def test_collate_layout():
+    batch = collate([[1, 2, 3], [4]], [[5, 6], [7, 8, 9]], ["ab", "cde"], pad_id=0)
+    assert batch.input_ids.tolist() == [[1, 2, 3, 5, 6, 0], [0, 0, 4, 7, 8, 9]]
+    assert batch.attention_mask.tolist() == [[1, 1, 1, 1, 1, 0], [0, 0, 1, 1, 1, 1]]
+    assert batch.response_mask.tolist() == [[1, 1, 0], [1, 1, 1]]
+    assert batch.prompt_width == 3 and len(batch) == 2 and batch.texts == ["ab", "cde"]
+    part = batch.select(torch.tensor([1]))
+    assert part.input_ids.tolist() == [[0, 0, 4, 7, 8, 9]] and part.texts == ["cde"]
+    assert batch.select(slice(0, 1)).texts == ["ab"]
+    empty = collate([[1]], [[]], [""], pad_id=0)  # an empty response still has a (masked) column
+    assert empty.response_mask.tolist() == [[0]] and empty.input_ids.tolist() == [[1, 0]]
+
+
+def _sampled(model, tokenizer, n=8, max_new_tokens=20, seed=0) -> SequenceBatch:
+    torch.manual_seed(seed)
+    prompts = encode_prompts(tokenizer, PROMPTS, chat_template=False)
+    return sample(model, tokenizer, prompts, n=n, max_new_tokens=max_new_tokens, temperature=TEMPERATURE,
+                  top_p=1.0, batch_size=64)
+
+
+def test_response_masks_end_at_eos(model, tokenizer):
+    batch = _sampled(model, tokenizer)
+    eos, width = tokenizer.eos_token_id, batch.prompt_width
+    assert len(batch) == len(PROMPTS) * 8
+    assert batch.response_mask.shape[1] <= 20
+    ended = 0
+    for row in range(len(batch)):
+        length = int(batch.response_mask[row].sum())
+        assert batch.response_mask[row, :length].all() and not batch.response_mask[row, length:].any()
+        response = batch.input_ids[row, width : width + length].tolist()
+        assert batch.attention_mask[row, width : width + length].all()
+        assert not batch.attention_mask[row, width + length :].any()
+        if eos in response:
+            assert response.index(eos) == length - 1  # cut right after the first eos
+            ended += 1
+        else:
+            assert length == 20  # no eos: cut at max_new_tokens
+        assert batch.texts[row] == tokenizer.decode(response, skip_special_tokens=True)
+    assert 0 < ended < len(batch), "the seeded sample should hold responses with and without eos"
+    # rows are prompt-major: row i belongs to prompt i // n
+    prompt_ids = encode_prompts(tokenizer, PROMPTS, chat_template=False)
+    for row in range(len(batch)):
+        p = prompt_ids[row // 8]
+        assert batch.input_ids[row, width - len(p) : width].tolist() == p
+        assert not batch.attention_mask[row, : width - len(p)].any()
+
+
+def test_token_logprobs_match_the_sampling_distribution_of_generate(model, tokenizer):
+    """Log-probs of the sampled tokens equal log_softmax(logits / T) of the logits generate used."""
+    n, max_new = 4, 12
+    batch = _sampled(model, tokenizer, n=n, max_new_tokens=max_new, seed=1)
+
+    # The same draw again, straight from generate, with the logits of every step.
+    torch.manual_seed(1)
+    rows = [p for p in encode_prompts(tokenizer, PROMPTS, chat_template=False) for _ in range(n)]
+    width = max(len(p) for p in rows)
+    ids = torch.full((len(rows), width), tokenizer.pad_token_id)
+    attn = torch.zeros_like(ids)
+    for i, p in enumerate(rows):
+        ids[i, width - len(p) :] = torch.tensor(p)
+        attn[i, width - len(p) :] = 1
+    out = model.generate(
+        input_ids=ids, attention_mask=attn, do_sample=True, temperature=TEMPERATURE, top_p=1.0, top_k=0,
+        repetition_penalty=1.0, max_new_tokens=max_new, min_new_tokens=0, pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id, use_cache=True, return_dict_in_generate=True,
+        output_logits=True, output_scores=True,
+    )
+    generated = out.sequences[:, width:]
+    t = batch.response_mask.shape[1]
+    mask = batch.response_mask.bool()
+    assert torch.equal(batch.input_ids[:, width:][mask], generated[:, :t][mask]), "sample() drew other tokens"
+
+    logits = torch.stack(out.logits, dim=1)[:, :t].float()  # raw logits [B, T, V]
+    scores = torch.stack(out.scores, dim=1)[:, :t].float()  # after the temperature warper
+    expected = torch.log_softmax(logits / TEMPERATURE, -1).gather(-1, generated[:, :t, None]).squeeze(-1)
+    from_scores = torch.log_softmax(scores, -1).gather(-1, generated[:, :t, None]).squeeze(-1)
+
+    with torch.no_grad():
+        logp, entropy = token_logprobs(model, batch, TEMPERATURE)
+    assert logp.shape == entropy.shape == batch.response_mask.shape
+    assert torch.allclose(logp[mask], expected[mask], atol=1e-4), (logp[mask] - expected[mask]).abs().max()
+    assert torch.allclose(logp[mask], from_scores[mask], atol=1e-4)
+    assert (logp[~mask] == 0).all() and (entropy[~mask] == 0).all()
+    probs = torch.softmax(logits / TEMPERATURE, -1)
+    want_entropy = -(probs * probs.log()).sum(-1)
+    assert torch.allclose(entropy[mask], want_entropy[mask], atol=1e-4)
+
+
+def test_token_logprobs_do_not_depend_on_padding(model, tokenizer):
+    """A row scored alone (no padding) and inside a padded batch gets the same log-probs."""
+    batch = _sampled(model, tokenizer, n=2, max_new_tokens=10, seed=2)
+    with torch.no_grad():
+        together, _ = token_logprobs(model, batch, TEMPERATURE)
+        for row in range(len(batch)):
+            p_len = int(batch.attention_mask[row, : batch.prompt_width].sum())
+            r_len = int(batch.response_mask[row].sum())
+            ids = batch.input_ids[row, batch.prompt_width - p_len : batch.prompt_width + r_len]
+            alone = collate([ids[:p_len].tolist()], [ids[p_len:].tolist()], [""], tokenizer.pad_token_id)
+            logp, _ = token_logprobs(model, alone, TEMPERATURE)
+            assert torch.allclose(logp[0, :r_len], together[row, :r_len], atol=1e-5)
+
+
+def test_token_logprobs_gradient_flows(model, tokenizer):
+    batch = _sampled(model, tokenizer, n=1, max_new_tokens=6, seed=3)
+    model.zero_grad()
+    logp, entropy = token_logprobs(model, batch, TEMPERATURE)
+    assert logp.requires_grad and not entropy.requires_grad
+    logp.sum().backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and any(g.abs().sum() > 0 for g in grads)
+    model.zero_grad()

@@ -1,0 +1,194 @@
+"""`dph-train` as users run it (subprocesses): bad input fails fast with one line, a tiny run logs
+every metric to metrics.jsonl and W&B alike, multiruns, and a real 2-process accelerate run on CPU."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from conftest import BAD_VALUES, TINY_OVERRIDES, compose_config, read_jsonl, run_cli, with_overrides
+from dph.metrics import ks_up_to
+from dph.train import objective
+from wandb_records import find_offline_run, read_config, read_history
+
+pytestmark = pytest.mark.slow
+
+TRAIN_METRICS = [
+    "train/reward_mean", "train/entropy", "train/divergence", "train/loss", "train/pg_loss", "train/div_loss",
+    "train/clip_frac", "train/response_length", "time/rollout_s", "time/update_s",
+]
+EVAL_METRICS = [f"eval/test/pass@{k}" for k in (1, 2, 4, 8)] + [
+    f"eval/test/{m}" for m in ("entropy", "reward_mean", "distinct_correct")
+]
+STEPS = 2  # trainer.steps in TINY_OVERRIDES
+
+
+def _no_traceback(result: subprocess.CompletedProcess) -> None:
+    assert "Traceback" not in result.stderr + result.stdout, result.stderr[-3000:]
+
+
+# ---------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize(("overrides", "key"), BAD_VALUES, ids=[" ".join(o) for o, _ in BAD_VALUES])
+def test_impossible_value_fails_fast_with_one_line(overrides, key, tmp_path):
+    cache, run_dir = tmp_path / "cache", tmp_path / "run"
+    result = run_cli([*overrides, f"paths.cache_dir={cache}", f"hydra.run.dir={run_dir}"], cwd=tmp_path, timeout=120)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("dph-train: error: ") and key in lines[0], lines[0]
+    _no_traceback(result)
+    # Nothing was started: no model built or loaded, no logger, no metrics.
+    assert not cache.exists()
+    assert not (run_dir / "metrics.jsonl").exists() and not (run_dir / "wandb").exists()
+    assert "base model" not in result.stdout and "Training on" not in result.stdout
+
+
+def test_unknown_group_option_lists_the_options(tmp_path):
+    result = run_cli(["divergence=nope", f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path, timeout=120)
+    assert result.returncode != 0
+    assert "Could not find 'divergence/nope'" in result.stderr
+    assert "Available options in 'divergence'" in result.stderr
+    for option in ("none", "reverse_kl", "forward_kl", "js", "alpha"):
+        assert f"\t{option}\n" in result.stderr
+    _no_traceback(result)
+    assert not (tmp_path / "run").exists()
+
+
+def test_cfg_job_prints_the_composed_config(tmp_path):
+    overrides = ["divergence=reverse_kl", "divergence.weight=0.3", "trainer.steps=7"]
+    result = run_cli([*overrides, "--cfg", "job"], cwd=tmp_path, timeout=120)
+    assert result.returncode == 0, result.stderr
+    printed = OmegaConf.create(result.stdout)
+    composed = compose_config(overrides, hydra=False)
+    assert OmegaConf.to_container(printed, resolve=False) == OmegaConf.to_container(composed, resolve=False)
+    assert printed.divergence.name == "reverse_kl" and printed.divergence.weight == 0.3
+    assert list(tmp_path.iterdir()) == []  # nothing ran, no output directory
+
+
+def test_help_lists_the_config_groups(tmp_path):
+    result = run_cli(["--help"], cwd=tmp_path, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "== Configuration groups ==" in result.stdout
+    assert "divergence: alpha, forward_kl, js, none, reverse_kl" in result.stdout
+    assert "logger: none, wandb" in result.stdout and "model: hf, tiny" in result.stdout
+
+
+# ---------------------------------------------------------------------------- a whole run
+def _by_step(records: list[dict]) -> dict[int, dict]:
+    """Records merged per train/step (the train record and the eval record of a step)."""
+    merged: dict[int, dict] = {}
+    for record in records:
+        merged.setdefault(int(record["train/step"]), {}).update(record)
+    return merged
+
+
+def _check_metrics(records: list[dict], steps: int = STEPS) -> None:
+    assert [r["train/step"] for r in records] == [0, *range(1, steps + 1), steps]  # eval, train..., eval
+    evals = [r for r in records if "eval/test/pass@1" in r]
+    trains = [r for r in records if "train/loss" in r]
+    assert [r["train/step"] for r in evals] == [0, steps]
+    assert [r["train/step"] for r in trains] == list(range(1, steps + 1))
+    for r in trains:
+        missing = [m for m in TRAIN_METRICS if m not in r]
+        assert not missing, f"step {r['train/step']} lacks {missing}"
+        assert all(isinstance(r[m], (int, float)) and math.isfinite(r[m]) for m in TRAIN_METRICS), r
+        assert 0 <= r["train/reward_mean"] <= 1 and 0 <= r["train/clip_frac"] <= 1
+        assert 1 <= r["train/response_length"] <= 16  # generation.max_new_tokens=16
+        assert r["train/entropy"] > 0 and r["time/rollout_s"] > 0 and r["time/update_s"] > 0
+    for r in evals:
+        missing = [m for m in EVAL_METRICS if m not in r]
+        assert not missing, f"eval at step {r['train/step']} lacks {missing}"
+        passk = [r[f"eval/test/pass@{k}"] for k in ks_up_to(8)]
+        assert all(0 <= p <= 1 for p in passk) and passk == sorted(passk)  # pass@k grows with k
+        assert r["eval/test/reward_mean"] == pytest.approx(r["eval/test/pass@1"])
+        assert r["eval/test/entropy"] > 0 and r["eval/test/distinct_correct"] >= 0
+
+
+def test_tiny_run_logs_everything_to_jsonl_plots_and_wandb(tiny_model, cache_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    overrides = with_overrides(
+        TINY_OVERRIDES, "divergence=reverse_kl", "logger=wandb", "device=cpu",
+        "optimized_metric=[eval/test/pass@1,eval/test/pass@8]", f"paths.cache_dir={cache_dir}",
+    )
+    # The subprocess sees the W&B directories that the autouse fixture put into os.environ.
+    assert Path(os.environ["WANDB_CONFIG_DIR"]).is_relative_to(tmp_path)
+    result = run_cli([*overrides, f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Using cached base model" in result.stdout  # the session's model, not a rebuild
+
+    records = read_jsonl(run_dir / "metrics.jsonl")
+    _check_metrics(records)
+    for name in ("passk_over_steps.png", "passk_vs_k.png", "train_curves.png"):
+        assert (run_dir / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    assert not (tmp_path / "wandb").exists()  # W&B's files stay inside the run directory
+
+    # W&B offline: the same values per train/step, and the composed config.
+    run_file = find_offline_run(run_dir / "wandb")
+    history = [
+        {k: v for k, v in row.items() if not k.startswith(("_", "charts/"))} for row in read_history(run_file)
+    ]
+    assert _by_step(history) == _by_step(records)
+    config = read_config(run_file)
+    config.pop("_wandb", None)
+    assert config == OmegaConf.to_container(compose_config(overrides, hydra=False), resolve=True)
+
+    # The objective a sweeper gets: the last values of the optimized metrics.
+    summary = json.loads((run_dir / "summary.json").read_text())
+    last_eval = records[-1]
+    cfg = OmegaConf.create({"optimized_metric": ["eval/test/pass@1", "eval/test/pass@8"]})
+    assert objective(cfg, summary) == [last_eval["eval/test/pass@1"], last_eval["eval/test/pass@8"]]
+    assert summary["model_dir"] == str(tiny_model)
+
+
+def test_multirun_gives_one_run_per_job(tiny_model, cache_dir, tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    overrides = with_overrides(TINY_OVERRIDES, "logger=wandb", "device=cpu", f"paths.cache_dir={cache_dir}")
+    result = run_cli(["-m", *overrides, "divergence=none,reverse_kl", f"hydra.sweep.dir={sweep_dir}"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = set()
+    for job, divergence in (("0", "none"), ("1", "reverse_kl")):
+        job_dir = sweep_dir / job
+        _check_metrics(read_jsonl(job_dir / "metrics.jsonl"))
+        assert f"divergence={divergence}" in (job_dir / ".hydra" / "overrides.yaml").read_text()
+        run_file = find_offline_run(job_dir / "wandb")
+        assert read_config(run_file)["divergence"]["name"] == divergence
+        runs.add(run_file.name)
+    assert len(runs) == 2
+    train = [r for r in read_jsonl(sweep_dir / "1" / "metrics.jsonl") if "train/loss" in r]
+    assert all(r["train/divergence"] >= -1e-6 for r in train)  # k3 estimates are >= 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_process_accelerate_run_on_cpu(tiny_model, cache_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    accelerate = Path(sys.executable).parent / "accelerate"
+    overrides = with_overrides(TINY_OVERRIDES, "divergence=reverse_kl", "logger=wandb", "device=cpu",
+                               f"paths.cache_dir={cache_dir}", f"hydra.run.dir={run_dir}")
+    command = [
+        str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+        "-m", "dph.train", *overrides,
+    ]
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=400,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    # Accelerate's process group holds both ranks (it cannot form with one).
+    assert "with 2 process(es)" in output, output[-4000:]
+    assert len(list(tmp_path.rglob("metrics.jsonl"))) == 1  # rank 0 alone logs
+    records = read_jsonl(run_dir / "metrics.jsonl")
+    _check_metrics(records)  # each step once: rank 1 wrote nothing
+    find_offline_run(run_dir / "wandb")  # exactly one W&B run
