@@ -19,7 +19,7 @@ from optuna.trial import TrialState
 
 from dph.pruning import PRUNER_ATTR, TrialReporter, absolute_storage, display_storage, open_storage
 from hydra_plugins.dph_optuna_sweeper._impl import objective_values, trial_override
-from hydra_plugins.dph_optuna_sweeper.search_space import SearchSpace, SearchSpaceError, quote
+from hydra_plugins.dph_optuna_sweeper._search_space import SearchSpace, SearchSpaceError, quote
 
 ROOT = Path(__file__).resolve().parents[1]
 APP = ROOT / "tests" / "fixtures" / "toy_app" / "app.py"

@@ -39,7 +39,7 @@ from dph.pruning import (JOURNAL_FILE, PRUNER_ATTR, absolute_storage, build_prun
 from dph.sweep_report import (FAIL_REASON_ATTR, INTERRUPTED_ATTR, JOB_DIR_ATTR, OVERRIDES_ATTR, counts_toward_n_trials,
                               write_report)
 
-from .search_space import SearchSpace, SearchSpaceError, param_text, quote
+from ._search_space import SearchSpace, SearchSpaceError, param_text, quote
 
 log = logging.getLogger(__name__)
 

@@ -9,12 +9,9 @@
 
 Conditions ``{child: {parent: [values]}}`` make a parameter exist only when its parents took one of
 the listed values in the same trial; parents are sampled first (a topological order that otherwise
-keeps the declared order). Optuna imports stay inside functions: Hydra imports this module whenever
-it scans plugins, for every run.
+keeps the declared order). Imported only when a sweep starts (Hydra's plugin scan skips modules
+whose names start with ``_``).
 """
-
-# No `from __future__ import annotations` here: Hydra execs plugin modules before adding them to
-# sys.modules, and dataclasses then cannot resolve string annotations.
 
 import re
 from collections.abc import Mapping, Sequence
