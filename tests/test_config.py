@@ -172,3 +172,17 @@ def test_every_conf_key_is_documented():
                 continue
             undocumented.append(f"{path.relative_to(ROOT)}:{number}: {'.'.join(key)}")
     assert not undocumented, "keys without a comment:\n" + "\n".join(undocumented)
+
+
+@pytest.mark.parametrize("task", [o for g, o in OPTIONS if g == "task"])
+def test_response_length_follows_the_task_unless_overridden(task, tmp_path):
+    """generation.max_new_tokens defaults to the task's response_tokens (a run key the task
+    constructor never sees), and fits the tiny model's context with the task's prompts."""
+    extra = [f"task.cache_dir={tmp_path / 'sql'}"] if task == "sql" else []
+    cfg = compose_config([f"task={task}", *extra])
+    assert cfg.generation.max_new_tokens == cfg.task.response_tokens
+    main_task, _ = setup(cfg)
+    assert not hasattr(main_task, "response_tokens")
+    longest_prompt = max(len(p.prompt) for split in main_task.split_names for p in main_task.problems(split)[:200])
+    assert longest_prompt + cfg.generation.max_new_tokens + 2 <= cfg.model.architecture.max_positions
+    assert compose_config([f"task={task}", "generation.max_new_tokens=7", *extra]).generation.max_new_tokens == 7

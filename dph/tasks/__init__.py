@@ -16,14 +16,19 @@ TASKS: dict[str, str] = {
 }
 
 
+# Keys of conf/task/<name>.yaml that configure the run around the task, not the task itself.
+RUN_KEYS = ("name", "response_tokens")
+
+
 def build_task(cfg: Mapping[str, Any]) -> Task:
-    """Build a task from its config mapping: `name` selects the class, the other keys are kwargs."""
-    params = dict(cfg)
-    name = params.pop("name", None)
+    """Build a task from its config mapping: `name` selects the class, the keys other than
+    RUN_KEYS are the constructor's keyword arguments."""
+    params = {k: v for k, v in cfg.items() if k not in RUN_KEYS}
+    name = cfg.get("name")
     if name not in TASKS:
         raise KeyError(f"task.name={name!r} is not a known task; choose one of {sorted(TASKS)}")
     module, cls = TASKS[name].split(":")
     return getattr(importlib.import_module(module), cls)(**params)
 
 
-__all__ = ["TASKS", "Problem", "Score", "Task", "VerifierError", "build_task"]
+__all__ = ["RUN_KEYS", "TASKS", "Problem", "Score", "Task", "VerifierError", "build_task"]
