@@ -9,7 +9,7 @@ No weights can be downloaded, so `model=tiny` builds its own base model:
      problem) and imperfect (Pass@1 well below Pass@k).
 The result is saved with `save_pretrained` under `<cache_dir>/models/tiny-<hash>`, where the hash
 covers everything that determines it (architecture, warm-up settings, tasks' fingerprints, seed,
-builder version). Built once with a progress bar, then reused; written atomically (a temporary
+builder version, `model.seed`). Built once with a progress bar, then reused; written atomically (a temporary
 directory renamed into place) under a file lock, so parallel runs build it once.
 
 `model=hf model.path=DIR` loads any local causal LM and its tokenizer through the same code path.
@@ -74,9 +74,9 @@ def tiny_spec(model_cfg: Mapping[str, Any], tasks: Sequence[Task], seed: int) ->
     }
 
 
-def tiny_model_dir(model_cfg: Mapping[str, Any], tasks: Sequence[Task], seed: int, cache_dir: str | Path) -> Path:
-    """Build the tiny base model if it is not cached yet; return its directory."""
-    spec = tiny_spec(model_cfg, tasks, seed)
+def tiny_model_dir(model_cfg: Mapping[str, Any], tasks: Sequence[Task], cache_dir: str | Path) -> Path:
+    """Build the tiny base model (seeded by model.seed) if it is not cached yet; return its directory."""
+    spec = tiny_spec(model_cfg, tasks, model_cfg["seed"])
     models_dir = Path(cache_dir) / "models"
     target = models_dir / f"tiny-{fingerprint_hash(spec)}"
     models_dir.mkdir(parents=True, exist_ok=True)
@@ -179,10 +179,10 @@ def _pad_batch(batch: Sequence[tuple[list[int], int]], pad_id: int) -> tuple[tor
     return ids, labels
 
 
-def resolve_model_dir(model_cfg: Mapping[str, Any], tasks: Sequence[Task], seed: int, cache_dir: str | Path) -> Path:
+def resolve_model_dir(model_cfg: Mapping[str, Any], tasks: Sequence[Task], cache_dir: str | Path) -> Path:
     """The directory to load the initial policy from (building the tiny model when needed)."""
     if model_cfg["name"] == "tiny":
-        return tiny_model_dir(model_cfg, tasks, seed, cache_dir)
+        return tiny_model_dir(model_cfg, tasks, cache_dir)
     return Path(model_cfg["path"]).expanduser()
 
 

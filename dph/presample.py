@@ -13,7 +13,7 @@ Cache layout, `<cache_dir>/presample/<key>/`:
     manifest.json          key, spec, counts, pass-rate histogram, D_pef / D_exp ids, file sha256,
                            creation time
 The key hashes everything that determines the result (model fingerprint, task fingerprint,
-presample settings, generation length and temperature, seed). The directory is written to a
+presample settings and seed, generation length and temperature; not the run's seed). The directory is written to a
 temporary name and renamed into place under a file lock, so runs and sweep trials in parallel
 build it once; a cache whose manifest or tensors do not match is rebuilt, with a warning.
 """
@@ -80,7 +80,7 @@ def presample_spec(model_fp: dict, task: Task, cfg) -> dict[str, Any]:
         "presample": {k: cfg.presample[k] for k in ("n", "temperature", "threshold")},
         "max_new_tokens": cfg.generation.max_new_tokens,
         "logprob_temperature": cfg.generation.temperature,
-        "seed": cfg.seed,
+        "seed": cfg.presample.seed,
     }
 
 
@@ -146,7 +146,7 @@ def _build(policy, tokenizer, task: Task, spec: dict, key: str, cfg, out_dir: Pa
     p = cfg.presample
     problems = task.problems("train")
     log.info("Pre-sampling %d responses for each of %d training prompts (once per cache key)", p.n, len(problems))
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.presample.seed)
     chunk = max(1, cfg.generation.batch_size // p.n)
     pass_counts: list[int] = []
     kept: list[SequenceBatch] = []

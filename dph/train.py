@@ -132,7 +132,7 @@ def presample_main(cfg: DictConfig) -> None:
         sys.stderr.write(f"dph-presample: error: {e}\n")
         sys.exit(2)
     tasks = _unique_tasks([task, *(e.task for e in eval_sets)])
-    model_dir = resolve_model_dir(cfg.model, tasks, cfg.seed, cfg.paths.cache_dir)
+    model_dir = resolve_model_dir(cfg.model, tasks, cfg.paths.cache_dir)
     policy, tokenizer = load_policy(model_dir, cfg.model, "cuda" if cfg.device != "cpu" and _cuda() else "cpu")
     data = load_or_build(policy, tokenizer, task, model_fingerprint(model_dir), cfg, cfg.paths.cache_dir)
     for key, value in split_metrics(data.manifest).items():

@@ -106,7 +106,7 @@ class Trainer:
 
         tasks = _unique_tasks([task, *(e.task for e in eval_sets)])
         with self.acc.main_process_first():  # rank 0 builds the tiny base model once; others then load it
-            self.model_dir = resolve_model_dir(cfg.model, tasks, cfg.seed, cfg.paths.cache_dir)
+            self.model_dir = resolve_model_dir(cfg.model, tasks, cfg.paths.cache_dir)
         policy, self.tokenizer = load_policy(self.model_dir, cfg.model, self.acc.device)
 
         # The divergence term: on rollouts against a frozen initial policy (a second model), or on

@@ -106,7 +106,7 @@ def tiny_model(cache_dir) -> Path:
     cfg = compose_config(with_overrides(TINY_OVERRIDES, f"paths.cache_dir={cache_dir}"))
     task, eval_sets = setup(cfg)
     tasks = _unique_tasks([task, *(e.task for e in eval_sets)])
-    return resolve_model_dir(cfg.model, tasks, cfg.seed, cfg.paths.cache_dir)
+    return resolve_model_dir(cfg.model, tasks, cfg.paths.cache_dir)
 
 
 @pytest.fixture(scope="session")

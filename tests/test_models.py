@@ -25,6 +25,7 @@ MICRO = {
     "chat_template": False,
     "architecture": {"hidden_size": 16, "num_layers": 1, "num_heads": 2, "intermediate_size": 32, "max_positions": 48},
     "warmup": {"problems": 16, "answers_per_problem": 1, "steps": 2, "batch_size": 8, "lr": 1.0e-3},
+    "seed": 0,
 }
 
 
@@ -61,7 +62,7 @@ def test_char_tokenizer_round_trips_offline(tmp_path):
 
 def test_tiny_build_is_cached_by_hash(tmp_path, countdown, caplog):
     caplog.set_level(logging.INFO, logger="dph.models")
-    first = resolve_model_dir(MICRO, [countdown], 0, tmp_path)
+    first = resolve_model_dir(MICRO, [countdown], tmp_path)
     assert first.parent == tmp_path / "models"
     assert first.name == f"tiny-{fingerprint_hash(tiny_spec(MICRO, [countdown], 0))}"
     build = json.loads((first / "dph_build.json").read_text())
@@ -71,17 +72,17 @@ def test_tiny_build_is_cached_by_hash(tmp_path, countdown, caplog):
     assert "Building the tiny base model" in caplog.text
 
     caplog.clear()
-    again = resolve_model_dir(MICRO, [countdown], 0, tmp_path)
+    again = resolve_model_dir(MICRO, [countdown], tmp_path)
     assert again == first
     assert {p.name: p.stat().st_mtime_ns for p in first.iterdir()} == stamps  # nothing rewritten
     assert "Using cached base model" in caplog.text and "Building" not in caplog.text
 
     # A changed warm-up setting is another model: another directory, built beside the first one.
     changed = {**MICRO, "warmup": {**MICRO["warmup"], "steps": 3}}
-    other = resolve_model_dir(changed, [countdown], 0, tmp_path)
+    other = resolve_model_dir(changed, [countdown], tmp_path)
     assert other != first and (other / "dph_build.json").is_file()
     assert json.loads((other / "dph_build.json").read_text())["spec"]["warmup"]["steps"] == 3
-    # ... and so are another seed and another task configuration (hash only: not built here).
+    # ... and so are another model.seed and another task configuration (hash only: not built here).
     assert fingerprint_hash(tiny_spec(MICRO, [countdown], 1)) != fingerprint_hash(tiny_spec(MICRO, [countdown], 0))
     other_task = build_task({**OmegaConf.to_container(OmegaConf.load(ROOT / "conf/task/countdown.yaml")), "seed": 1})
     assert fingerprint_hash(tiny_spec(MICRO, [other_task], 0)) != fingerprint_hash(tiny_spec(MICRO, [countdown], 0))
@@ -101,7 +102,7 @@ def test_a_stale_temporary_build_does_not_break_the_cache(tmp_path, countdown):
     stale.mkdir(parents=True)
     (stale / "config.json").write_text("{half written")
     (models / f"{spec_name}.lock").touch()
-    built = resolve_model_dir(MICRO, [countdown], 0, tmp_path)
+    built = resolve_model_dir(MICRO, [countdown], tmp_path)
     assert built == models / spec_name and (built / "dph_build.json").is_file()
     model, _ = load_policy(built, MICRO)
     assert model.num_parameters() == json.loads((built / "dph_build.json").read_text())["stats"]["parameters"]
@@ -109,7 +110,7 @@ def test_a_stale_temporary_build_does_not_break_the_cache(tmp_path, countdown):
 
 def test_hf_model_loads_through_the_same_code_path(hf_model_dir):
     model_cfg = {"name": "hf", "path": str(hf_model_dir), "dtype": "auto", "trust_remote_code": False}
-    assert resolve_model_dir(model_cfg, [], 0, "/nonexistent-cache") == hf_model_dir
+    assert resolve_model_dir(model_cfg, [], "/nonexistent-cache") == hf_model_dir
     model, tok = load_policy(hf_model_dir, model_cfg)
     assert type(model).__name__ == "Qwen2ForCausalLM"
     assert model.dtype == torch.float32  # auto on CPU
