@@ -1,8 +1,6 @@
 """The DPH-RL hybrid end to end: RL on D_exp, the divergence on pre-sampled D_pef data, no reference model.
 
-The countdown task is shrunk to two numbers up to 9 so that the quickly warmed-up tiny model solves
-some prompts (about one in three at least once in 8 samples): D_pef is non-empty at
-presample.threshold=0.125, which DPH needs (there is nothing to rehearse otherwise).
+Runs use conftest.DPH: countdown shrunk so that the quickly warmed-up tiny model solves some prompts.
 """
 
 from __future__ import annotations
@@ -17,22 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY_OVERRIDES, compose_config, read_jsonl, run_cli, with_overrides
+from conftest import DPH, compose_config, read_jsonl, run_cli, with_overrides
 from dph.loggers import NullLogger
 
-EASY_COUNTDOWN = [
-    "task.min_solutions=1",
-    "task.warmup_splits=[train]",
-    "~task.splits.ood",
-    *(f"task.splits.{split}.{key}" for split in ("train", "test")
-      for key in ("numbers_per_problem=2", "max_number=9", "target_min=1")),
-    "task.splits.train.size=64",
-    "task.splits.test.size=16",
-    "model.warmup.problems=100",  # about all the distinct problems there are
-    "model.warmup.steps=40",
-    "model.warmup.batch_size=128",
-]
-DPH = with_overrides(TINY_OVERRIDES, *EASY_COUNTDOWN, "presample.threshold=0.125", "device=cpu", "logger=none")
 EXPERIMENTS = {"forward_kl": "dph_fkl", "js": "dph_js", "alpha": "dph_alpha"}
 DIV_METRICS = ("train/div_value", "train/rehearsal_logprob", "train/div_loss")
 BUILD_LINE, REUSE_LINE = "Pre-sampling ", "Using the pre-sampling cache"

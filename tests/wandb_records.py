@@ -130,3 +130,12 @@ def read_summary(run_file: str | Path) -> dict:
             for item in record.summary.remove:
                 summary.pop(item.key, None)
     return summary
+
+
+def read_run_info(run_file: str | Path) -> dict:
+    """The run's identity as the W&B UI shows it: project, group, display name and tags."""
+    for record in iter_records(run_file):
+        if record.WhichOneof("record_type") == "run":
+            run = record.run
+            return {"project": run.project, "group": run.run_group, "name": run.display_name, "tags": list(run.tags)}
+    raise ValueError(f"{run_file}: no run record")
