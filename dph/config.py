@@ -9,6 +9,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import dph
 from dph.metrics import METRICS, eval_metric_names
+from dph.tasks.base import STATUSES
 
 LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 SCHEDULES = ("constant", "linear", "cosine")
@@ -75,7 +76,7 @@ def _choice(cfg: DictConfig, key: str, options: tuple[str, ...]) -> str:
 
 def expected_metrics(cfg: DictConfig, eval_labels: list[str]) -> set[str]:
     """Every metric name this run logs (for checking optimized_metric up front)."""
-    names = {m for m in METRICS if "<" not in m}
+    names = {m for m in METRICS if "<" not in m} | {f"train/status/{s}" for s in STATUSES}
     if cfg.divergence.name == "none" or cfg.divergence.source != "reference":
         names -= {"train/div_value", "train/rehearsal_logprob"} | {m for m in names if m.startswith("presample/")}
     for label in eval_labels:

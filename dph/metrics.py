@@ -30,6 +30,8 @@ METRICS: dict[str, str] = {
     "train/zero_std_frac": "fraction of prompt groups whose rewards are all equal (zero advantage)",
     "train/response_length": "mean response length in tokens",
     "train/lr": "learning rate of the step",
+    "train/status/<status>": "fraction of the step's rollouts the verifier judged <status>: correct, wrong, "
+                             "invalid (unparseable, rule broken, too long) or timeout (verifier time limit)",
     "presample/d_pef": "training prompts in D_pef (pass rate >= presample.threshold; rehearsed)",
     "presample/d_exp": "training prompts in D_exp (the rest; trained on with RL)",
     "presample/d_pef_fraction": "fraction of the training prompts in D_pef",
@@ -44,7 +46,8 @@ METRICS: dict[str, str] = {
     "eval/<split>/distinct_correct": "distinct correct answers per prompt, averaged over prompts",
 }
 
-_TEMPLATE_FIELDS = {"<split>": r"(?P<split>[^@]+)", "<k>": r"(?P<k>[1-9][0-9]*)"}
+_TEMPLATE_FIELDS = {"<split>": r"(?P<split>[^@]+)", "<k>": r"(?P<k>[1-9][0-9]*)",
+                    "<status>": r"(?P<status>correct|wrong|invalid|timeout)"}
 
 
 def _template_regex(template: str) -> re.Pattern[str]:

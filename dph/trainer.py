@@ -42,7 +42,7 @@ from dph import algos, divergences, presample
 from dph.metrics import ks_up_to, pass_at_k_mean
 from dph.models import encode_prompts, load_policy, model_fingerprint, resolve_model_dir
 from dph.rollout import SequenceBatch, sample, token_logprobs
-from dph.tasks import Problem, Task
+from dph.tasks import STATUSES, Problem, Task
 
 log = logging.getLogger(__name__)
 
@@ -225,6 +225,9 @@ class Trainer:
         t2 = time.perf_counter()
 
         mask = batch.response_mask.float()
+        sums.update({f"status_{name}": 0.0 for name in STATUSES})
+        for score in scores:
+            sums[f"status_{score.status}"] += 1.0
         sums.update(
             reward_sum=float(rewards.sum()), n_responses=len(batch), response_tokens=float(mask.sum()),
             zero_std_groups=float(adv_stats["zero_std_frac"]) * len(problems), groups=len(problems),
@@ -247,6 +250,7 @@ class Trainer:
             "train/approx_kl": s["approx_kl_sum"] / max(1.0, s["tokens"]),
             "train/zero_std_frac": s["zero_std_groups"] / max(1.0, s["groups"]),
             "train/lr": self.scheduler.get_last_lr()[0],
+            **{f"train/status/{name}": s[f"status_{name}"] / s["n_responses"] for name in STATUSES},
             "time/rollout_s": s["rollout_s"] / world,
             "time/update_s": s["update_s"] / world,
         }

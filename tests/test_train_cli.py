@@ -103,6 +103,8 @@ def _check_metrics(records: list[dict], steps: int = STEPS) -> None:
         assert 0 <= r["train/reward_mean"] <= 1 and 0 <= r["train/clip_frac"] <= 1
         assert 1 <= r["train/response_length"] <= 16  # generation.max_new_tokens=16
         assert r["train/entropy"] > 0 and r["time/rollout_s"] > 0 and r["time/update_s"] > 0
+        statuses = [r[f"train/status/{s}"] for s in ("correct", "wrong", "invalid", "timeout")]
+        assert sum(statuses) == pytest.approx(1.0) and statuses[0] == pytest.approx(r["train/reward_mean"])
     for r in evals:
         missing = [m for m in EVAL_METRICS if m not in r]
         assert not missing, f"eval at step {r['train/step']} lacks {missing}"

@@ -6,7 +6,7 @@ import importlib
 from collections.abc import Mapping
 from typing import Any
 
-from dph.tasks.base import Problem, Score, Task, VerifierError
+from dph.tasks.base import STATUSES, Problem, Score, Task, VerifierError
 
 # name -> "module:Class"; imported lazily so that a task's heavy dependencies load only when used.
 TASKS: dict[str, str] = {
@@ -31,4 +31,4 @@ def build_task(cfg: Mapping[str, Any]) -> Task:
     return getattr(importlib.import_module(module), cls)(**params)
 
 
-__all__ = ["RUN_KEYS", "TASKS", "Problem", "Score", "Task", "VerifierError", "build_task"]
+__all__ = ["RUN_KEYS", "STATUSES", "TASKS", "Problem", "Score", "Task", "VerifierError", "build_task"]

@@ -13,6 +13,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
+STATUSES = ("correct", "wrong", "invalid", "timeout")  # every verdict a verifier may give (Score.status)
+
+
 class VerifierError(RuntimeError):
     """The verifier itself failed (a bug or a broken environment), as opposed to a wrong answer."""
 
