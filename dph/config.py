@@ -15,6 +15,7 @@ LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 SCHEDULES = ("constant", "linear", "cosine")
 SOURCES = ("reference", "rollouts")
 REVERSE_KL_ESTIMATORS = ("k1", "k2", "k3")
+WANDB_MODES = ("offline", "online", "disabled")
 
 
 class ConfigError(ValueError):
@@ -159,6 +160,13 @@ def validate(cfg: DictConfig, task_splits: dict[str, tuple[str, ...]]) -> list[s
         if not (Path(path).expanduser() / "config.json").is_file():
             raise ConfigError(f"model.path={path!r} is not a saved model directory (no config.json there): "
                               "point it at a directory written by save_pretrained")
+
+    # logger (checked here so that a missing W&B login fails before any model is built)
+    from dph.loggers import BACKENDS, ONLINE_NEEDS_CREDENTIALS, has_wandb_credentials
+
+    if _choice(cfg, "logger.backend", BACKENDS) == "wandb":
+        if _choice(cfg, "logger.mode", WANDB_MODES) == "online" and not has_wandb_credentials():
+            raise ConfigError(ONLINE_NEEDS_CREDENTIALS)
 
     # evaluation
     _num(cfg, "eval.every", kind=int, low=0)

@@ -190,14 +190,22 @@ class WandbLogger(Logger):
             self.run.finish(exit_code=exit_code)
 
 
+ONLINE_NEEDS_CREDENTIALS = ("logger.mode=online needs W&B credentials: run `wandb login` (or set WANDB_API_KEY), "
+                            "or use logger.mode=offline and `wandb sync` later")
+
+
+def has_wandb_credentials() -> bool:
+    """Whether W&B credentials exist (env, settings or .netrc), checked locally; never prompts."""
+    import wandb
+
+    # (an open run of this process: credentials were settled when it started)
+    return wandb.run is not None or bool(wandb.login(prompt=False, verify=False))
+
+
 def _require_wandb_credentials(wandb: Any) -> None:
-    """Raise a one-line error unless W&B credentials exist (env, settings or .netrc); never prompts."""
-    if wandb.run is not None or wandb.login(prompt=False, verify=False):
-        return  # (an open run of this process: credentials were settled when it started)
-    raise RuntimeError(
-        "logger.mode=online needs W&B credentials: run `wandb login` (or set WANDB_API_KEY), "
-        "or use logger.mode=offline and `wandb sync` later"
-    )
+    """Raise a one-line error unless W&B credentials exist."""
+    if not has_wandb_credentials():
+        raise RuntimeError(ONLINE_NEEDS_CREDENTIALS)
 
 
 def _to_container(values: Any) -> Any:

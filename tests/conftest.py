@@ -91,6 +91,8 @@ BAD_VALUES = [
     (["algorithm.loss_agg=seq-sum"], "algorithm.loss_agg"),
     (["optimized_metric=train/not_a_metric"], "optimized_metric"),
     (["divergence=reverse_kl", "divergence.estimator=k9"], "divergence.estimator"),
+    (["logger.mode=online"], "logger.mode=online needs W&B credentials"),  # no login in tests
+    (["logger.mode=onlin"], "logger.mode"),
 ]
 
 

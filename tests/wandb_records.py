@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 import zlib
 from pathlib import Path
 from typing import Any, Iterator
@@ -34,12 +35,24 @@ IDENT, MAGIC, VERSION = b":W&B", 0xBEE1, 0
 FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
 
 
-def find_offline_run(directory: str | Path) -> Path:
-    """The single ``run-<id>.wandb`` file under ``directory`` (searched recursively)."""
+def find_offline_run(directory: str | Path, wait_s: float = 30.0) -> Path:
+    """The single ``run-<id>.wandb`` file under ``directory`` (searched recursively), once it is
+    complete: ``run.finish()`` can return before wandb's service process has written the last
+    records, so this waits (up to ``wait_s``) for the closing exit record."""
     found = sorted(Path(directory).rglob("run-*.wandb"))
     if len(found) != 1:
         raise FileNotFoundError(f"expected one run-*.wandb under {directory}, found {found}")
+    deadline = time.monotonic() + wait_s
+    while not _ends_with_exit(found[0]) and time.monotonic() < deadline:
+        time.sleep(0.05)
     return found[0]
+
+
+def _ends_with_exit(run_file: Path) -> bool:
+    last = None
+    for last in iter_records(run_file):
+        pass
+    return last is not None and last.WhichOneof("record_type") == "exit"
 
 
 def iter_records(run_file: str | Path) -> Iterator[wandb_internal_pb2.Record]:
