@@ -20,20 +20,10 @@ from omegaconf import OmegaConf
 from conftest import ROOT, TINY_OVERRIDES, compose_config, read_jsonl, run_cli, with_overrides
 from dph.tasks import Problem, VerifierError, build_task
 from dph.tasks.countdown import parse_expression
-from dph.tasks.math import (
-    MAX_SOLUTION_CHARS,
-    OOD_TEMPLATES,
-    TRAIN_TEMPLATES,
-    MathTask,
-    MathVerifyWorker,
-    _problem_key,
-    answer_forms,
-    as_rational,
-    extract_final_answer,
-    solution_paths,
-    solutions_of,
-    template_trees,
-)
+from dph.tasks.math import MathTask
+from dph.tasks.math_answers import MathVerifyWorker, as_rational, extract_final_answer
+from dph.tasks.math_embedded import (MAX_SOLUTION_CHARS, OOD_TEMPLATES, TRAIN_TEMPLATES, answer_forms, problem_key,
+                                     solution_paths, solutions_of, template_trees)
 
 CONFIG = ROOT / "conf" / "task" / "math.yaml"
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "math"
@@ -70,7 +60,7 @@ def test_splits_are_deterministic_disjoint_and_held_out_splits_ignore_train_size
         assert problems == again.problems(split)
         assert [p.data for p in problems] == [p.data for p in again.problems(split)]
         assert [p.prompt for p in problems] != [p.prompt for p in other_seed.problems(split)]
-        keys[split] = [_problem_key(p.data["template"], p.data["params"]) for p in problems]
+        keys[split] = [problem_key(p.data["template"], p.data["params"]) for p in problems]
         assert len(set(keys[split])) == len(problems)  # no problem twice in a split
         assert all(len(p.prompt) <= 64 for p in problems)
         json.dumps([p.data for p in problems])
@@ -86,9 +76,9 @@ def test_warmup_problems_avoid_the_held_out_splits(task):
     warmup = task.warmup_problems(1500, seed=0)
     assert len(warmup) == 1500 and warmup == task.warmup_problems(1500, seed=0)
     assert warmup != task.warmup_problems(1500, seed=1)
-    keys = {_problem_key(p.data["template"], p.data["params"]) for p in warmup}
+    keys = {problem_key(p.data["template"], p.data["params"]) for p in warmup}
     assert len(keys) < len(warmup)  # repeats allowed
-    assert not keys & {_problem_key(p.data["template"], p.data["params"]) for p in task.problems("test")}
+    assert not keys & {problem_key(p.data["template"], p.data["params"]) for p in task.problems("test")}
     assert {p.data["template"] for p in warmup} == {t.name for t in TRAIN_TEMPLATES}  # never an ood template
 
 
