@@ -23,7 +23,7 @@ def setup(cfg: DictConfig):
 
     try:
         task = build_task(OmegaConf.to_container(cfg.task, resolve=True))
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError, FileNotFoundError) as e:
         raise ConfigError(f"task: {e}") from e
     tasks = {task.name: task}
     for spec in cfg.eval.splits or []:
@@ -45,7 +45,10 @@ def _load_other_task(cfg: DictConfig, name: str):
     if name not in TASKS:
         raise ConfigError(f"eval.splits names task {name!r}: choose a task of {', '.join(sorted(TASKS))}")
     task_cfg = OmegaConf.load(package_root() / "conf" / "task" / f"{name}.yaml")
-    return build_task(OmegaConf.to_container(task_cfg, resolve=True))
+    try:
+        return build_task(OmegaConf.to_container(task_cfg, resolve=True))
+    except (KeyError, TypeError, ValueError, FileNotFoundError) as e:
+        raise ConfigError(f"eval.splits: task {name} (conf/task/{name}.yaml): {e}") from e
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:

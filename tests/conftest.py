@@ -93,6 +93,8 @@ BAD_VALUES = [
     (["divergence=reverse_kl", "divergence.estimator=k9"], "divergence.estimator"),
     (["logger.mode=online"], "logger.mode=online needs W&B credentials"),  # no login in tests
     (["logger.mode=onlin"], "logger.mode"),
+    (["task=math", "task.source=gsm8k", "task.path=/nonexistent/gsm8k"], "task.path"),
+    (["task=sql", "task.source=bird", "task.path=/nonexistent/bird"], "task.path"),
 ]
 
 
