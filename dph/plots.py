@@ -37,7 +37,7 @@ TRAIN_PANELS = (  # (title, y label, [(metric, legend label)])
     ("Entropy", "entropy (nats)", [("train/entropy", "train/entropy")]),
     ("Divergence", "divergence", [("train/divergence", "train/divergence")]),
     ("Loss", "loss", [("train/loss", "total"), ("train/pg_loss", "policy gradient"),
-                      ("train/div_loss", "divergence term")]),
+                      ("train/div_loss", "divergence term (before the weight)")]),
 )
 
 

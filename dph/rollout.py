@@ -103,23 +103,49 @@ def sample(model, tokenizer, prompts: Sequence[Sequence[int]], *, n: int, max_ne
     return collate(rows, responses, texts, tokenizer.pad_token_id, device)
 
 
-def token_logprobs(model, batch: SequenceBatch, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+def token_logprobs(model, batch: SequenceBatch, temperature: float, group: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token log-probs of the response tokens and the policy's entropy there, both [B, T].
 
     Runs with or without grad depending on the caller's context; padding positions hold zeros.
+    group > 1: every `group` consecutive rows share one prompt (as `sample` lays them out); the
+    prompt then runs once per group and its key/value cache is shared by the group's responses:
+    the same values and gradients, without recomputing the prompt `group` times.
     """
-    width_r = batch.response_mask.shape[1]
-    position_ids = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
-    out = model(
-        input_ids=batch.input_ids,
-        attention_mask=batch.attention_mask,
-        position_ids=position_ids,
-        logits_to_keep=width_r + 1,
-        use_cache=False,
-    )
-    logits = out.logits[:, :-1].float() / temperature  # logits[:, t] predicts response token t
-    targets = batch.input_ids[:, -width_r:]
+    logits = _response_logits(model, batch, group) / temperature  # logits[:, t] predicts response token t
+    targets = batch.input_ids[:, batch.prompt_width :]
     logp = torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     entropy = entropy_from_logits(logits)
     mask = batch.response_mask.to(logp.dtype)
     return logp * mask, entropy.detach() * mask
+
+
+def _response_logits(model, batch: SequenceBatch, group: int) -> torch.Tensor:
+    """Float logits [B, T, V] at the positions that predict the T response tokens."""
+    width_p, width_r = batch.prompt_width, batch.response_mask.shape[1]
+    position_ids = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
+    if group <= 1 or not shares_prompts(batch, group):
+        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=position_ids,
+                    logits_to_keep=width_r + 1, use_cache=False)
+        return out.logits[:, :-1].float()
+    # The prompts once (the unwrapped model: a DDP wrapper expects one forward per backward), then
+    # the responses on top of their cache, repeated for each row of the group.
+    prompt = (getattr(model, "module", model))(
+        input_ids=batch.input_ids[::group, :width_p], attention_mask=batch.attention_mask[::group, :width_p],
+        position_ids=position_ids[::group, :width_p], logits_to_keep=1, use_cache=True,
+    )
+    cache = prompt["cache"] if "cache" in prompt else prompt["past_key_values"]  # transformers >= 5.x / older
+    cache.batch_repeat_interleave(group)
+    cache_kwarg = "cache" if "cache" in prompt else "past_key_values"
+    out = model(input_ids=batch.input_ids[:, width_p:], attention_mask=batch.attention_mask,
+                position_ids=position_ids[:, width_p:], use_cache=True, logits_to_keep=width_r,
+                **{cache_kwarg: cache})
+    first = prompt.logits[:, -1:].repeat_interleave(group, dim=0)  # predicts response token 0
+    return torch.cat([first, out.logits[:, :-1]], dim=1).float()
+
+
+def shares_prompts(batch: SequenceBatch, group: int) -> bool:
+    """Whether every `group` consecutive rows of the batch have the same (padded) prompt."""
+    if len(batch) % group:
+        return False
+    prompts = batch.input_ids[:, : batch.prompt_width].view(-1, group, batch.prompt_width)
+    return bool((prompts == prompts[:, :1]).all())

@@ -38,17 +38,24 @@ def setup(cfg: DictConfig):
     return task, eval_sets
 
 
-def _load_other_task(cfg: DictConfig, name: str):
-    """A task evaluated out of domain, configured by its own conf/task/<name>.yaml."""
+def _load_other_task(cfg: DictConfig, label: str):
+    """A task evaluated out of domain: `eval.tasks.<label>` (a task name and the keys that differ
+    from its conf/task/<name>.yaml), else the task named `label` as its conf/task/<label>.yaml."""
     from dph.tasks import TASKS, build_task
 
+    extra = (cfg.eval.get("tasks") or {}).get(label)
+    name = extra.get("name", label) if extra is not None else label
     if name not in TASKS:
-        raise ConfigError(f"eval.splits names task {name!r}: choose a task of {', '.join(sorted(TASKS))}")
+        where = f"eval.tasks.{label}.name={name!r}" if extra is not None else f"eval.splits names task {label!r}"
+        raise ConfigError(f"{where}: choose a task of {', '.join(sorted(TASKS))} "
+                          "(or define the label under eval.tasks, e.g. eval.tasks.spider={name: sql, source: spider})")
     task_cfg = OmegaConf.load(package_root() / "conf" / "task" / f"{name}.yaml")
+    if extra is not None:
+        task_cfg = OmegaConf.merge(task_cfg, extra)
     try:
         return build_task(OmegaConf.to_container(task_cfg, resolve=True))
     except (KeyError, TypeError, ValueError, FileNotFoundError) as e:
-        raise ConfigError(f"eval.splits: task {name} (conf/task/{name}.yaml): {e}") from e
+        raise ConfigError(f"eval.splits: task {label} ({'eval.tasks.' + label if extra is not None else f'conf/task/{name}.yaml'}): {e}") from e
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import logging
 import math
 import os
@@ -176,12 +177,17 @@ class Trainer:
         return dict(zip(keys, t.tolist(), strict=True))
 
     @torch.no_grad()
-    def _forward_no_grad(self, model, batch: SequenceBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        parts = [token_logprobs(model, batch.select(s), self.cfg.generation.temperature) for s in self._micro(len(batch))]
+    def _forward_no_grad(self, model, batch: SequenceBatch, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Log-probs and entropy of a prompt-major batch with `group` responses per prompt."""
+        parts = [token_logprobs(model, batch.select(s), self.cfg.generation.temperature, group)
+                 for s in self._micro(len(batch), group)]
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
-    def _micro(self, n: int) -> list[slice]:
+    def _micro(self, n: int, group: int = 1) -> list[slice]:
+        """Micro-batches of at most trainer.micro_batch_size rows, cut at whole groups of `group`
+        rows when one fits (so that each group's prompt is computed once)."""
         size = self.cfg.trainer.micro_batch_size
+        size = size - size % group if group <= size else size
         return [slice(i, min(n, i + size)) for i in range(0, n, size)]
 
     def _denominator(self, mask: torch.Tensor) -> float:
@@ -203,8 +209,8 @@ class Trainer:
         scores = [self.task.score(p, text) for p, text in zip(_repeat(problems, a.group_size), batch.texts, strict=True)]
         rewards = torch.tensor([s.reward for s in scores], dtype=torch.float32, device=self.acc.device)
         advantages, adv_stats = algos.group_advantages(rewards, a.group_size, norm_by_std=a.norm_adv_by_std)
-        ref_logp = self._forward_no_grad(self.reference, batch)[0] if self.reference is not None else None
-        old_logp = self._forward_no_grad(self.policy, batch)[0] if a.epochs * a.minibatches > 1 else None
+        ref_logp = self._forward_no_grad(self.reference, batch, a.group_size)[0] if self.reference is not None else None
+        old_logp = self._forward_no_grad(self.policy, batch, a.group_size)[0] if a.epochs * a.minibatches > 1 else None
         rehearsal = None
         if self.reference_data is not None:
             rb, rlp = self.reference_data.draw(self._shard_size(self.cfg.divergence.rehearsal_batch_size), self.rehearsal_rng)
@@ -216,7 +222,10 @@ class Trainer:
              "ratio_sum", "approx_kl_sum", "rehearsal_logprob_sum", "rehearsal_tokens", "div_updates"), 0.0
         )
         for _ in range(a.epochs):
-            order = torch.randperm(len(batch)) if a.minibatches > 1 else torch.arange(len(batch))
+            order = torch.arange(len(batch))
+            if a.minibatches > 1:  # shuffle whole groups, so that a minibatch holds complete groups
+                groups = torch.randperm(len(batch) // a.group_size)
+                order = (groups[:, None] * a.group_size + torch.arange(a.group_size)).flatten()
             rehearsal_order = torch.arange(len(rehearsal[0])) if rehearsal is not None else None
             # tensor_split always gives `minibatches` parts (chunk gives fewer when rows are few)
             for j, rows in enumerate(torch.tensor_split(order, a.minibatches)):
@@ -271,7 +280,7 @@ class Trainer:
         jobs = []
         mb = batch.select(rows)
         denom = self._denominator(mb.response_mask.float())
-        for s in self._micro(len(mb)):
+        for s in self._micro(len(mb), self.cfg.algorithm.group_size):
             jobs.append((self._rollout_loss, (mb.select(s), rows[s], advantages, old_logp, ref_logp, denom)))
         if ref_logp is not None:
             sums["div_updates"] += 1
@@ -298,7 +307,7 @@ class Trainer:
         """PPO-clipped loss on rollouts, plus the on-policy divergence surrogate when it uses rollouts."""
         a = self.cfg.algorithm
         mask = part.response_mask.float()
-        logp, entropy = token_logprobs(self.policy, part, self.cfg.generation.temperature)
+        logp, entropy = token_logprobs(self.policy, part, self.cfg.generation.temperature, a.group_size)
         old = logp.detach() if old_logp is None else old_logp[idx]
         pg_tok, pg_stats = algos.ppo_clip_loss(logp, old, advantages[idx], mask, clip_low=a.clip_low, clip_high=a.clip_high)
         loss = pg = self._agg(pg_tok, mask, denom)
@@ -347,7 +356,7 @@ class Trainer:
             sums = {"entropy_sum": 0.0, "tokens": 0.0, "reward_sum": 0.0, "responses": 0.0}
             if mine:
                 batch = self._sample(mine, n)
-                _, entropy = self._forward_no_grad(self.policy, batch)
+                _, entropy = self._forward_no_grad(self.policy, batch, n)
                 sums["entropy_sum"] = float(entropy.sum())
                 sums["tokens"] = float(batch.response_mask.sum())
                 for i, problem in enumerate(mine):
@@ -418,9 +427,10 @@ def _repeat(items: list, n: int) -> list:
 
 
 def _unique_tasks(tasks: list[Task]) -> list[Task]:
+    """The distinct tasks (by name and data: e.g. sql on BIRD and sql on Spider are two), in order."""
     seen: dict[str, Task] = {}
     for t in tasks:
-        seen.setdefault(t.name, t)
+        seen.setdefault(json.dumps([t.name, t.fingerprint()], sort_keys=True, default=str), t)
     return list(seen.values())
 
 

@@ -186,3 +186,20 @@ def test_response_length_follows_the_task_unless_overridden(task, tmp_path):
     longest_prompt = max(len(p.prompt) for split in main_task.split_names for p in main_task.problems(split)[:200])
     assert longest_prompt + cfg.generation.max_new_tokens + 2 <= cfg.model.architecture.max_positions
     assert compose_config([f"task={task}", "generation.max_new_tokens=7", *extra]).generation.max_new_tokens == 7
+
+
+def test_an_eval_task_of_its_own_by_label(tmp_path):
+    """eval.tasks.<label> configures another instance of a task (e.g. GSM8K files while training on
+    the embedded math), logged under eval/<label>/<split>/...; the base model warms up on both."""
+    from dph.trainer import _unique_tasks
+
+    gsm8k = ROOT / "tests" / "fixtures" / "math" / "gsm8k"
+    cfg = compose_config(["task=math", f"+eval.tasks.gsm={{name:math,source:gsm8k,path:'{gsm8k}'}}",
+                          "eval.splits=[test,gsm/test]", "optimized_metric=eval/gsm/test/pass@8"])
+    task, eval_sets = setup(cfg)
+    assert [(e.label, e.task.name, e.split) for e in eval_sets] == [("test", "math", "test"), ("gsm/test", "math", "test")]
+    assert eval_sets[1].task.source == "gsm8k" and task.source == "embedded"
+    assert len(_unique_tasks([task, *(e.task for e in eval_sets)])) == 2
+    bad = compose_config(["+eval.tasks.x={name:nope}", "eval.splits=[test,x/test]"])
+    with pytest.raises(ConfigError, match=r"eval.tasks.x.name='nope'"):
+        setup(bad)

@@ -145,3 +145,31 @@ def test_token_logprobs_gradient_flows(model, tokenizer):
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     assert grads and any(g.abs().sum() > 0 for g in grads)
     model.zero_grad()
+
+
+def test_shared_prompt_scoring_gives_the_same_values_and_gradients(model, tokenizer):
+    """group > 1 runs each prompt once and shares its cache with the group's responses: log-probs,
+    entropies and parameter gradients equal the plain path's; a batch whose groups do not share a
+    prompt falls back to the plain path."""
+    torch.manual_seed(1)
+    batch = sample(model, tokenizer, encode_prompts(tokenizer, PROMPTS, False), n=3, max_new_tokens=10,
+                   temperature=TEMPERATURE, top_p=1.0, batch_size=64)
+    results = {}
+    for group in (1, 3):
+        model.zero_grad(set_to_none=True)
+        logp, entropy = token_logprobs(model, batch, TEMPERATURE, group=group)  # eval mode: no dropout
+        (logp * torch.linspace(-1, 1, logp.shape[1])).sum().backward()
+        results[group] = (logp.detach(), entropy, [p.grad.clone() for p in model.parameters() if p.grad is not None])
+    torch.testing.assert_close(results[3][0], results[1][0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(results[3][1], results[1][1], rtol=1e-5, atol=1e-5)
+    assert len(results[3][2]) == len(results[1][2])
+    for shared, plain in zip(results[3][2], results[1][2], strict=True):
+        torch.testing.assert_close(shared, plain, rtol=1e-4, atol=1e-6)
+
+    from dph.rollout import shares_prompts
+
+    assert shares_prompts(batch, 3) and not shares_prompts(batch, 2) and not shares_prompts(batch, 5)
+    mixed = batch.select(torch.tensor([0, 3, 6, 9, 1, 4]))  # two groups of 3, each with different prompts
+    assert not shares_prompts(mixed, 3)
+    torch.testing.assert_close(token_logprobs(model, mixed, TEMPERATURE, group=3)[0],
+                               token_logprobs(model, mixed, TEMPERATURE)[0])

@@ -403,3 +403,33 @@ def test_template_count_by_split(task):
         for p in task.problems(split):
             kinds[split].add(p.data["params"]["t"])
     assert len(kinds["train"]) >= 12 and len(kinds["ood"]) >= 8
+
+
+# --- end to end ----------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_dph_train_on_sql_with_math_out_of_domain(cache_dir, tmp_path):
+    """The paper's setting in miniature: train on sql, evaluate sql/test and math/test (another task
+    with its own verifier) from a base model warmed up on both."""
+    from conftest import TINY_OVERRIDES, read_jsonl, run_cli, with_overrides
+
+    run_dir = tmp_path / "run"
+    overrides = with_overrides(
+        TINY_OVERRIDES, "task=sql", f"task.cache_dir={tmp_path / 'sql'}", "task.train_size=200",
+        "task.test_size=20", "task.ood_size=20", "divergence=reverse_kl", "logger=none", "device=cpu",
+        "eval.splits=[test,math/test]", "optimized_metric=eval/math/test/pass@8", "generation.max_new_tokens=112",
+    )
+    result = run_cli([*overrides, f"paths.cache_dir={cache_dir}", f"hydra.run.dir={run_dir}"], timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = read_jsonl(run_dir / "metrics.jsonl")
+    evals = [r for r in rows if "eval/test/pass@1" in r]
+    assert [r["train/step"] for r in evals] == [0, 2]
+    for r in evals:
+        for split in ("test", "math/test"):
+            passk = [r[f"eval/{split}/pass@{k}"] for k in (1, 2, 4, 8)]
+            assert all(0 <= p <= 1 for p in passk) and passk == sorted(passk)
+    train = [r for r in rows if "train/loss" in r]
+    assert len(train) == 2 and all(0 <= r["train/status/invalid"] <= 1 for r in train)
+    build = json.loads((Path(json.loads((run_dir / "summary.json").read_text())["model_dir"]) / "dph_build.json").read_text())
+    assert [t["name"] for t in build["spec"]["tasks"]] == ["sql", "math"]  # warmed up on both
