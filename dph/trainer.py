@@ -16,6 +16,10 @@ What one step computes (differences from the GRPO paper are numbered):
      no extra forward pass); otherwise they come from a no-grad forward before the first update.
   6. With `divergence.source=rollouts` the divergence is estimated on the policy's own rollouts
      against a frozen copy of the initial policy (a second model, one extra forward per step).
+  7. Forward passes over rollouts run each prompt once per group and share its key/value cache
+     with the group's G responses (dph.rollout.token_logprobs): the same values and gradients,
+     about (G - 1) / G of the prompt's compute saved. Micro-batches (and, with several, minibatches)
+     are cut at whole groups.
 
 Evaluation (step 0, every `eval.every` steps and at the end): `eval.n` samples per prompt, the
 unbiased pass@k for k = 1, 2, 4, ..., n, mean reward, entropy and distinct correct answers.
