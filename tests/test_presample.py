@@ -208,7 +208,8 @@ def test_draw_is_a_seeded_subset(policy, tokenizer, tmp_path):
 
 
 def test_cache_is_deterministic_across_cache_dirs(policy, tokenizer, tmp_path):
-    build(policy, tokenizer, tmp_path / "a"), build(policy, tokenizer, tmp_path / "b")
+    build(policy, tokenizer, tmp_path / "a")
+    build(policy, tokenizer, tmp_path / "b")
     key = cache_key(make_cfg())
     dir_a, dir_b = tmp_path / "a" / "presample" / key, tmp_path / "b" / "presample" / key
     assert (dir_a / TENSOR_FILE).read_bytes() == (dir_b / TENSOR_FILE).read_bytes()
