@@ -248,7 +248,8 @@ ATTACKS = {
     "SELECT randomblob(1000000000)": {"invalid"},
     "SELECT length(zeroblob(1000000000))": {"invalid"},
     "SELECT zeroblob(900000) || zeroblob(900000)": {"invalid"},
-    "SELECT " + ", ".join(["randomblob(999999)"] * 60): {"invalid"},  # result over the byte budget
+    # over the byte budget (60 MB of random bytes: on a loaded machine the 0.2 s time limit may come first)
+    "SELECT " + ", ".join(["randomblob(999999)"] * 60): {"invalid", "timeout"},
     "SELECT name FROM emp WHERE name LIKE printf('%.*c', 100000, '%')": {"invalid"},
     "SELECT printf('%.*c', 1000000000, 'x')": {"timeout"},  # one long C call: the worker is killed
 }
@@ -259,16 +260,18 @@ def test_attacks_score_zero_and_leave_the_database_unchanged(task, tmp_path):
     db = Path(problem.data["db_path"])
     before = hashlib.sha256(db.read_bytes()).hexdigest()
     timeouts_before, kills_before = task.status_counts["timeout"], task.sandbox.kills
+    timeouts = 0
     for attack, allowed in ATTACKS.items():
         start = time.perf_counter()
         score = task.score(problem, attack.format(tmp=tmp_path))
         assert score.reward == 0.0 and score.status in allowed, (attack, score)
+        timeouts += score.status == "timeout"
         assert time.perf_counter() - start < 2.0, attack
     assert hashlib.sha256(db.read_bytes()).hexdigest() == before
     assert not (tmp_path / "copy.db").exists() and not (tmp_path / "attached.db").exists()
     assert sorted(p.name for p in db.parent.iterdir()) == sorted(f"{name}.sqlite" for name in SCHEMAS)
-    expected_timeouts = sum(allowed == {"timeout"} for allowed in ATTACKS.values())
-    assert task.status_counts["timeout"] - timeouts_before == expected_timeouts
+    assert timeouts >= sum(allowed == {"timeout"} for allowed in ATTACKS.values())
+    assert task.status_counts["timeout"] - timeouts_before == timeouts  # every timeout counted
     assert task.sandbox.kills - kills_before >= 1
     assert task.score(problem, "SELECT name FROM emp WHERE salary > 50").status == "correct"  # a fresh worker
 

@@ -10,19 +10,20 @@ task combines them.
 from __future__ import annotations
 
 import logging
-import marshal
 import os
 import re
-import struct
-import subprocess
-import sys
-import threading
-import time
 from fractions import Fraction
-from pathlib import Path
-from typing import Any
 
 from dph.tasks.base import VerifierError
+from dph.tasks.worker import (
+    WorkerCrashed,
+    WorkerProcess,
+    WorkerTimedOut,
+    WorkerUnavailable,
+    python_command,
+    receive,
+    send,
+)
 
 log = logging.getLogger(__name__)
 
@@ -129,34 +130,6 @@ def _decimal_places(answer: str) -> int:
 WORKER_START_S = 60.0  # how long a fresh worker may take to import math-verify and answer a ping
 KILL_GRACE_S = 1.0  # a comparison is killed this long after its deadline (the worker's timer missed it)
 WORKER_MEMORY_BYTES = 4 << 30  # address-space limit of the worker (RLIMIT_AS)
-_HEADER = struct.Struct("<I")
-
-
-def _send(fd: int, message: Any) -> None:
-    payload = marshal.dumps(message)
-    data = _HEADER.pack(len(payload)) + payload
-    while data:
-        data = data[os.write(fd, data):]
-
-
-def _receive(fd: int, deadline: float = float("inf")) -> Any:
-    """One message, or TimeoutError when `deadline` (perf_counter) passes; EOFError when the pipe closes."""
-    import select
-
-    buf, need, have_header = bytearray(), _HEADER.size, False
-    while True:
-        while len(buf) < need:
-            wait = deadline - time.perf_counter()
-            if wait <= 0 or (wait != float("inf") and not select.select([fd], [], [], wait)[0]):
-                raise TimeoutError
-            chunk = os.read(fd, need - len(buf))
-            if not chunk:
-                raise EOFError("the math-verify worker closed its pipe")
-            buf += chunk
-        if have_header:
-            return marshal.loads(bytes(buf[_HEADER.size:]))
-        need, have_header = _HEADER.size + _HEADER.unpack(buf[: _HEADER.size])[0], True
-
 
 class _Deadline(BaseException):
     """Raised by the worker's timer; a BaseException, so math-verify's `except Exception` lets it pass."""
@@ -189,11 +162,11 @@ def serve_worker(fd_in: int = 0) -> None:
     golds: dict[str, list] = {}
     while True:
         try:
-            request = _receive(fd_in)
+            request = receive(fd_in)
         except EOFError:
             return
         if request is None:
-            _send(fd_out, ("pong", ""))
+            send(fd_out, ("pong", ""))
             continue
         gold, answer, timeout_s = request
         stage, reply = "gold_", ("", "")
@@ -220,87 +193,30 @@ def serve_worker(fd_in: int = 0) -> None:
             reply = (stage + "error", f"{type(e).__name__}: {str(e)[:200]}")
         finally:
             signal.setitimer(signal.ITIMER_REAL, 0)
-        _send(fd_out, reply)
+        send(fd_out, reply)
 
 
-class MathVerifyWorker:
-    """math-verify comparisons in a worker process, one at a time (thread-safe, fork-aware).
-
-    `kills` counts workers killed past their deadline, `crashes` those that died on an answer.
-    """
+class MathVerifyWorker(WorkerProcess):
+    """math-verify comparisons in a worker process (dph.tasks.worker): one stuck in C code is killed
+    with its worker."""
 
     def __init__(self):
-        self._proc: subprocess.Popen | None = None
-        self._pid = -1
-        self._lock = threading.Lock()
-        self.kills = 0
-        self.crashes = 0
-
-    def __getstate__(self) -> dict:
-        return {"kills": self.kills, "crashes": self.crashes}
-
-    def __setstate__(self, state: dict) -> None:
-        self.__init__()
-        self.kills, self.crashes = state["kills"], state["crashes"]
-
-    def _start(self) -> subprocess.Popen:
-        root = str(Path(__file__).resolve().parents[2])  # the checkout holding dph/, if not installed
-        code = f"import sys; sys.path.insert(0, {root!r}); from dph.tasks.math_answers import serve_worker; serve_worker()"
-        proc = subprocess.Popen([sys.executable, "-I", "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                close_fds=True)
-        try:
-            _send(proc.stdin.fileno(), None)
-            reply = _receive(proc.stdout.fileno(), time.perf_counter() + WORKER_START_S)
-        except (OSError, EOFError, TimeoutError):
-            reply = None
-        if reply is None or reply[0] != "pong":
-            self._stop(proc)
-            raise VerifierError(f"the math-verify worker did not start ({sys.executable}; is math-verify installed?)")
-        return proc
-
-    @staticmethod
-    def _stop(proc: subprocess.Popen) -> None:
-        proc.kill()
-        proc.wait()
-        proc.stdin.close()
-        proc.stdout.close()
-
-    def close(self) -> None:
-        with self._lock:
-            if self._proc is not None and self._pid == os.getpid():
-                self._stop(self._proc)
-            self._proc = None
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:  # interpreter shutdown: nothing left to clean up
-            pass
+        super().__init__(python_command("dph.tasks.math_answers", "serve_worker"), "math-verify", WORKER_START_S)
 
     def compare(self, gold: str, answer: str, timeout_s: float) -> tuple[str, str]:
         """(status, detail) of math-verify on one answer: `serve_worker`'s statuses, or killed (the
         worker ran past the deadline and was killed) and crash (the worker died)."""
-        with self._lock:
-            if self._proc is None or self._pid != os.getpid():
-                self._proc, self._pid = self._start(), os.getpid()
-            proc = self._proc
-            try:
-                _send(proc.stdin.fileno(), (gold, answer, float(timeout_s)))
-                return tuple(_receive(proc.stdout.fileno(), time.perf_counter() + timeout_s + KILL_GRACE_S))
-            except TimeoutError:
-                self._discard(proc)
-                self.kills += 1
-                log.warning("math-verify worker killed: a comparison ran past %.1f s", timeout_s)
-                return "killed", f"killed after {timeout_s:g} s"
-            except (OSError, EOFError):
-                self._discard(proc)
-                self.crashes += 1
-                log.warning("math-verify worker died on an answer; starting a new one")
-                return "crash", "the answer crashed the math-verify worker"
-
-    def _discard(self, proc: subprocess.Popen) -> None:
-        self._stop(proc)
-        self._proc = None
+        try:
+            return tuple(self.request((gold, answer, float(timeout_s)), timeout_s + KILL_GRACE_S))
+        except WorkerUnavailable:
+            raise VerifierError(f"the math-verify worker did not start ({self.command[0]}; is math-verify "
+                                "installed?)") from None
+        except WorkerTimedOut:
+            log.warning("math-verify worker killed: a comparison ran past %.1f s", timeout_s)
+            return "killed", f"killed after {timeout_s:g} s"
+        except WorkerCrashed:
+            log.warning("math-verify worker died on an answer; starting a new one")
+            return "crash", "the answer crashed the math-verify worker"
 
 
 def exact_match(gold: str, answer: str) -> bool | None:

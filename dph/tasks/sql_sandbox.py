@@ -14,27 +14,32 @@ A query (the model's or the gold one) runs under six independent guards:
      never reaches the progress handler: `printf('%.*c', 2e9, 'x')`, quadratic `instr`), then
      starts a fresh one.
 Connections are opened lazily and cached per (process, thread, file); a typical query costs well
-under a millisecond, worker round trip included. This module imports only the standard library: it
-is also the worker's script (`python -I sql_sandbox.py`).
+under a millisecond, worker round trip included. The worker process is `dph.tasks.worker`'s, running
+`serve` of this module.
 """
 
 from __future__ import annotations
 
 import logging
-import marshal
 import os
 import re
-import select
 import sqlite3
-import struct
-import subprocess
-import sys
 import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from dph.tasks.worker import (
+    WorkerCrashed,
+    WorkerProcess,
+    WorkerTimedOut,
+    WorkerUnavailable,
+    python_command,
+    receive,
+    send,
+)
 
 log = logging.getLogger(__name__)
 
@@ -182,30 +187,6 @@ def close_connections() -> None:
 WORKER_MEMORY_BYTES = 1 << 30  # address-space limit of the worker process (RLIMIT_AS)
 WORKER_START_S = 30.0  # how long a fresh worker may take to answer its first ping
 KILL_GRACE_S = 0.5  # a query is killed this long after its deadline (plus half the time limit)
-_HEADER = struct.Struct("<I")
-
-
-def _write(fd: int, payload: bytes) -> None:
-    data = _HEADER.pack(len(payload)) + payload
-    while data:
-        data = data[os.write(fd, data):]
-
-
-def _read(fd: int, deadline: float = float("inf")) -> bytes | None:
-    """One framed message, or None when `deadline` passes first; EOFError when the pipe closes."""
-    buf, need, header_done = bytearray(), _HEADER.size, False
-    while True:
-        while len(buf) < need:
-            wait = deadline - time.perf_counter()
-            if wait <= 0 or (wait != float("inf") and not select.select([fd], [], [], wait)[0]):
-                return None
-            chunk = os.read(fd, need - len(buf))
-            if not chunk:
-                raise EOFError("the other end of the pipe closed")
-            buf += chunk
-        if header_done:
-            return bytes(buf[_HEADER.size:])
-        need, header_done = _HEADER.size + _HEADER.unpack(buf[: _HEADER.size])[0], True
 
 
 def serve(fd_in: int = 0, fd_out: int = 1) -> None:
@@ -218,11 +199,11 @@ def serve(fd_in: int = 0, fd_out: int = 1) -> None:
         pass  # no address-space limit on this platform; the other guards still apply
     while True:
         try:
-            request = marshal.loads(_read(fd_in))
+            request = receive(fd_in)
         except EOFError:
             return
         if request is None:  # ping
-            _write(fd_out, marshal.dumps(("pong", None, "")))
+            send(fd_out, ("pong", None, ""))
             continue
         db_path, sql, timeout_s, max_rows = request
         try:
@@ -233,91 +214,33 @@ def serve(fd_in: int = 0, fd_out: int = 1) -> None:
         except MemoryError:
             reply = ("invalid", None, "out of memory")
         try:
-            payload = marshal.dumps(reply)
+            send(fd_out, reply)
         except ValueError:  # a value marshal cannot carry (none expected from sqlite3)
-            payload = marshal.dumps(("invalid", None, "unsupported result value"))
-        _write(fd_out, payload)
+            send(fd_out, ("invalid", None, "unsupported result value"))
 
 
-class SandboxProcess:
-    """Runs queries in a worker process; a query that overruns is killed with its worker.
-
-    Thread-safe (one query at a time); a forked child starts its own worker. `kills` counts the
-    workers killed for overrunning their deadline, `crashes` those that died on a query.
-    """
+class SandboxProcess(WorkerProcess):
+    """Runs queries in a worker process (dph.tasks.worker); a query that overruns is killed with its
+    worker."""
 
     def __init__(self):
-        self._proc: subprocess.Popen | None = None
-        self._pid = -1
-        self._lock = threading.Lock()
-        self.kills = 0
-        self.crashes = 0
-
-    def __getstate__(self) -> dict:
-        return {"kills": self.kills, "crashes": self.crashes}
-
-    def __setstate__(self, state: dict) -> None:
-        self.__init__()
-        self.kills, self.crashes = state["kills"], state["crashes"]
-
-    def _start(self) -> subprocess.Popen:
-        proc = subprocess.Popen([sys.executable, "-I", os.path.abspath(__file__)], stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE, close_fds=True)
-        try:
-            _write(proc.stdin.fileno(), marshal.dumps(None))
-            reply = _read(proc.stdout.fileno(), time.perf_counter() + WORKER_START_S)
-        except (OSError, EOFError):
-            reply = None
-        if reply is None or marshal.loads(reply)[0] != "pong":
-            self._stop(proc)
-            raise DatabaseUnavailable(f"the SQL sandbox worker did not start ({sys.executable} {__file__})")
-        return proc
-
-    @staticmethod
-    def _stop(proc: subprocess.Popen) -> None:
-        proc.kill()
-        proc.wait()
-        for pipe in (proc.stdin, proc.stdout):
-            pipe.close()
-
-    def close(self) -> None:
-        with self._lock:
-            if self._proc is not None and self._pid == os.getpid():
-                self._stop(self._proc)
-            self._proc = None
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:  # interpreter shutdown: nothing left to clean up
-            pass
+        super().__init__(python_command("dph.tasks.sql_sandbox", "serve"), "SQL sandbox", WORKER_START_S)
 
     def run(self, db_path: str, sql: str, timeout_s: float = 1.0, max_rows: int = 10_000) -> QueryResult:
         """Like `run_query`, in the worker; raises DatabaseUnavailable for a bad file or worker."""
         if len(sql) > LIMITS[sqlite3.SQLITE_LIMIT_SQL_LENGTH]:
             return QueryResult("invalid", error="SQL text too long")
-        with self._lock:
-            if self._proc is None or self._pid != os.getpid():
-                self._proc, self._pid = self._start(), os.getpid()
-            proc = self._proc
-            timed_out = False
-            try:
-                _write(proc.stdin.fileno(), marshal.dumps((str(db_path), sql, float(timeout_s), int(max_rows))))
-                reply = _read(proc.stdout.fileno(), time.perf_counter() + timeout_s * 1.5 + KILL_GRACE_S)
-                timed_out = reply is None
-            except (OSError, EOFError):  # broken pipe: the worker died
-                reply = None
-            if reply is None:
-                self._stop(proc)
-                self._proc = None
-                if timed_out:
-                    self.kills += 1
-                    log.warning("SQL sandbox worker killed: a query ran past %.1f s", timeout_s)
-                    return QueryResult("timeout", error=f"killed after {timeout_s:g} s")
-                self.crashes += 1
-                log.warning("SQL sandbox worker died on a query; starting a new one")
-                return QueryResult("invalid", error="the query crashed the sandbox worker")
-        status, rows, error = marshal.loads(reply)
+        try:
+            status, rows, error = self.request((str(db_path), sql, float(timeout_s), int(max_rows)),
+                                               timeout_s * 1.5 + KILL_GRACE_S)
+        except WorkerUnavailable as e:
+            raise DatabaseUnavailable(str(e)) from None
+        except WorkerTimedOut:
+            log.warning("SQL sandbox worker killed: a query ran past %.1f s", timeout_s)
+            return QueryResult("timeout", error=f"killed after {timeout_s:g} s")
+        except WorkerCrashed:
+            log.warning("SQL sandbox worker died on a query; starting a new one")
+            return QueryResult("invalid", error="the query crashed the sandbox worker")
         if status == "unavailable":
             raise DatabaseUnavailable(error)
         return QueryResult(status, rows, error)
@@ -391,7 +314,3 @@ def results_match(predicted: list[tuple], gold: list[tuple], ordered: bool) -> b
     pred = [_canonical(r) for r in predicted]
     ref = [_canonical(r) for r in gold]
     return pred == ref if ordered else Counter(pred) == Counter(ref)
-
-
-if __name__ == "__main__":
-    serve()
