@@ -137,6 +137,8 @@ def plot_comparison(jobs: Sequence[Job], path: Path) -> Path | None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
+    from dph.plots import save_figure
+
     labels = method_labels(jobs)
     finished = [(label, job) for label, job in zip(labels, jobs, strict=True) if job.final is not None]
     splits: dict[str, set[int]] = {}
@@ -167,13 +169,7 @@ def plot_comparison(jobs: Sequence[Job], path: Path) -> Path | None:
         ax.set(title=f"{split}: Pass@k vs k", xlabel="k (samples per prompt)", ylabel="Pass@k", ylim=(-0.02, 1.02))
         ax.legend(loc="lower right", fontsize="x-small")
     figure.suptitle("Methods side by side\nmean over seeds (band: min to max); dashed: the initial policy", fontsize="medium")
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
-    try:
-        figure.savefig(tmp, format="png", dpi=110)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return save_figure(figure, path)
 
 
 def write_comparison(sweep_dir: str | Path, out_dir: str | Path | None = None) -> list[Path]:

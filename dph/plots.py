@@ -100,11 +100,11 @@ def _new_figure(panels: int, width: float = 5.0, height: float = 3.8) -> tuple[F
     return figure, axes[:panels]
 
 
-def _save(figure: Figure, path: Path) -> Path:
+def save_figure(figure: Figure, path: Path, dpi: int = 110) -> Path:
     """Write ``figure`` as PNG to ``path`` atomically (temporary file + ``os.replace``)."""
     tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
     try:
-        figure.savefig(tmp, format="png", dpi=110)
+        figure.savefig(tmp, format="png", dpi=dpi)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -128,7 +128,7 @@ def _plot_passk_over_steps(records: list[dict], splits: dict[str, list[int]], pa
         ax.xaxis.set_major_locator(MaxNLocator(integer=True, steps=[1, 2, 5, 10]))
         ax.legend(handles=lines, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncols=3, fontsize="small")
     figure.suptitle("Pass@k during training (solid) and eval entropy (dashed)")
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 def _plot_passk_vs_k(records: list[dict], splits: dict[str, list[int]], path: Path) -> Path:
@@ -148,7 +148,7 @@ def _plot_passk_vs_k(records: list[dict], splits: dict[str, list[int]], path: Pa
         ax.set(title=f"{split}: Pass@k vs k", xlabel="k (samples per prompt)", ylabel="Pass@k", ylim=(-0.02, 1.02))
         ax.legend(loc="lower right", fontsize="small")
     figure.suptitle("Pass@k versus k: initial policy vs trained policy")
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 def _plot_train_curves(records: list[dict], path: Path) -> Path | None:
@@ -169,7 +169,7 @@ def _plot_train_curves(records: list[dict], path: Path) -> Path | None:
         if len(curves) > 1:
             ax.legend(fontsize="small")
     figure.suptitle("Training curves")
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 def plot_run(records: list[dict], out_dir: str | Path) -> list[Path]:

@@ -39,6 +39,7 @@ from matplotlib.ticker import MaxNLocator, NullFormatter
 from optuna.distributions import CategoricalDistribution
 from optuna.trial import FrozenTrial, TrialState
 
+from dph.plots import save_figure
 from dph.pruning import display_storage, is_rdb_url, open_storage
 
 log = logging.getLogger(__name__)
@@ -139,17 +140,6 @@ def _new_figure(rows: int, columns: int, width: float = 4.8, height: float = 3.6
     return figure, axes
 
 
-def _save(figure, path: Path) -> Path:
-    """Write ``figure`` as PNG to ``path`` atomically (temporary file + ``os.replace``)."""
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
-    try:
-        figure.savefig(tmp, format="png", dpi=100)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
-
-
 def _file_part(name: str) -> str:
     return re.sub(r"[^\w.\-]+", "_", name).strip("_") or "param"
 
@@ -181,7 +171,7 @@ def _plot_history(study: optuna.Study, trials: list[FrozenTrial], names: list[st
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.legend(fontsize="small")
     figure.suptitle(f"{study.study_name}: objective per trial")
-    return _save(figure, path)
+    return save_figure(figure, path, dpi=100)
 
 
 def _plot_param(study: optuna.Study, trials: list[FrozenTrial], names: list[str], param: str,
@@ -208,7 +198,7 @@ def _plot_param(study: optuna.Study, trials: list[FrozenTrial], names: list[str]
             if colour_by is not None and groups:
                 ax.legend(title=colour_by, fontsize="small", title_fontsize="small")
     figure.suptitle(f"{study.study_name}: objective vs {param} ({len(with_param)} complete trials)")
-    return _save(figure, path)
+    return save_figure(figure, path, dpi=100)
 
 
 def _plot_pareto(study: optuna.Study, trials: list[FrozenTrial], names: list[str], path: Path) -> Path:
@@ -229,7 +219,7 @@ def _plot_pareto(study: optuna.Study, trials: list[FrozenTrial], names: list[str
     for ax in axes.ravel()[len(pairs):]:
         ax.set_visible(False)
     figure.suptitle(f"{study.study_name}: Pareto front ({len(front)} of {len(trials)} complete trials)")
-    return _save(figure, path)
+    return save_figure(figure, path, dpi=100)
 
 
 def plot_study(study: optuna.Study, out_dir: Path) -> list[Path]:
