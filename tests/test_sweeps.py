@@ -187,3 +187,10 @@ def test_methods_grid_runs_each_method_and_compares_them(cache_dir, tmp_path):
         assert float(row["eval/test/pass@8"]) == pytest.approx(last["eval/test/pass@8"])
         assert (row["jobs_finished"], row["jobs"], float(row["eval/test/pass@8:std"])) == ("1", "1", 0.0)
     assert_png(sweep_dir / "comparison.png")
+    # dph-compare rebuilds the same comparison from the run directories alone
+    out = tmp_path / "rebuilt"
+    proc = run_cli([str(sweep_dir), "--out", str(out)], executable="dph-compare", timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert (out / "comparison.csv").read_text() == (sweep_dir / "comparison.csv").read_text()
+    proc = run_cli([str(tmp_path / "missing")], executable="dph-compare", timeout=120)
+    assert proc.returncode == 2 and "is not a directory" in proc.stderr
