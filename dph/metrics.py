@@ -13,6 +13,8 @@ from typing import Hashable, Iterable, Sequence
 import torch
 from torch import Tensor
 
+from dph.tasks.base import STATUSES
+
 METRICS: dict[str, str] = {
     # one RL step (means over the step's valid tokens / sequences unless said otherwise)
     "train/step": "the RL step the record belongs to (the x axis of every curve)",
@@ -47,7 +49,7 @@ METRICS: dict[str, str] = {
 }
 
 _TEMPLATE_FIELDS = {"<split>": r"(?P<split>[^@]+)", "<k>": r"(?P<k>[1-9][0-9]*)",
-                    "<status>": r"(?P<status>correct|wrong|invalid|timeout)"}
+                    "<status>": f"(?P<status>{'|'.join(STATUSES)})"}
 
 
 def _template_regex(template: str) -> re.Pattern[str]:

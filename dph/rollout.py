@@ -133,9 +133,9 @@ def _response_logits(model, batch: SequenceBatch, group: int) -> torch.Tensor:
         input_ids=batch.input_ids[::group, :width_p], attention_mask=batch.attention_mask[::group, :width_p],
         position_ids=position_ids[::group, :width_p], logits_to_keep=1, use_cache=True,
     )
-    cache = prompt["cache"] if "cache" in prompt else prompt["past_key_values"]  # transformers >= 5.x / older
+    cache_kwarg = "cache" if "cache" in prompt else "past_key_values"  # transformers >= 5.x / older
+    cache = prompt[cache_kwarg]
     cache.batch_repeat_interleave(group)
-    cache_kwarg = "cache" if "cache" in prompt else "past_key_values"
     out = model(input_ids=batch.input_ids[:, width_p:], attention_mask=batch.attention_mask,
                 position_ids=position_ids[:, width_p:], use_cache=True, logits_to_keep=width_r,
                 **{cache_kwarg: cache})

@@ -18,13 +18,9 @@ log = logging.getLogger(__name__)
 
 def setup(cfg: DictConfig):
     """Build the task and eval sets and validate the config; nothing expensive happens here."""
-    from dph.tasks import build_task
     from dph.trainer import EvalSet
 
-    try:
-        task = build_task(OmegaConf.to_container(cfg.task, resolve=True))
-    except (KeyError, TypeError, ValueError, FileNotFoundError) as e:
-        raise ConfigError(f"task: {e}") from e
+    task = _build_task(cfg.task, "task")
     tasks = {task.name: task}
     for spec in cfg.eval.splits or []:
         other, _ = split_eval_spec(str(spec), task.name)
@@ -41,7 +37,7 @@ def setup(cfg: DictConfig):
 def _load_other_task(cfg: DictConfig, label: str):
     """A task evaluated out of domain: `eval.tasks.<label>` (a task name and the keys that differ
     from its conf/task/<name>.yaml), else the task named `label` as its conf/task/<label>.yaml."""
-    from dph.tasks import TASKS, build_task
+    from dph.tasks import TASKS
 
     extra = (cfg.eval.get("tasks") or {}).get(label)
     name = extra.get("name", label) if extra is not None else label
@@ -52,10 +48,18 @@ def _load_other_task(cfg: DictConfig, label: str):
     task_cfg = OmegaConf.load(package_root() / "conf" / "task" / f"{name}.yaml")
     if extra is not None:
         task_cfg = OmegaConf.merge(task_cfg, extra)
+    source = f"eval.tasks.{label}" if extra is not None else f"conf/task/{name}.yaml"
+    return _build_task(task_cfg, f"eval.splits: task {label} ({source})")
+
+
+def _build_task(task_cfg: DictConfig, where: str):
+    """The task of a config node; a bad key or a missing data file is a ConfigError naming `where`."""
+    from dph.tasks import build_task
+
     try:
         return build_task(OmegaConf.to_container(task_cfg, resolve=True))
     except (KeyError, TypeError, ValueError, FileNotFoundError) as e:
-        raise ConfigError(f"eval.splits: task {label} ({'eval.tasks.' + label if extra is not None else f'conf/task/{name}.yaml'}): {e}") from e
+        raise ConfigError(f"{where}: {e}") from e
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
