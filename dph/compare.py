@@ -36,10 +36,13 @@ from typing import Any
 
 import yaml
 from hydra.experimental.callback import Callback
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from dph.plots import PASSK_KEY, load_metrics, save_figure
 
 log = logging.getLogger(__name__)
 
-PASSK = re.compile(r"^eval/(?P<split>.+)/pass@(?P<k>\d+)$")
 FINAL_METRICS = re.compile(r"^(eval/.+|train/reward_mean|train/entropy)$")
 IGNORED_OVERRIDES = ("seed=", "hydra.", "++trial=", "trial=")
 
@@ -73,8 +76,6 @@ def find_jobs(sweep_dir: Path) -> list[Job]:
 
 def _initial_eval(path: Path) -> dict[str, float]:
     """The eval metrics logged at step 0 (the initial policy), from metrics.jsonl."""
-    from dph.plots import load_metrics
-
     if not path.is_file():
         return {}
     initial: dict[str, float] = {}
@@ -134,17 +135,12 @@ def comparison_csv(rows: Sequence[dict[str, Any]]) -> str:
 def plot_comparison(jobs: Sequence[Job], path: Path) -> Path | None:
     """Pass@k versus k per eval split: each method after training (mean, min-max band) and the
     initial policy (dashed, mean over all jobs). None when no job finished."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    from dph.plots import save_figure
-
     labels = method_labels(jobs)
     finished = [(label, job) for label, job in zip(labels, jobs, strict=True) if job.final is not None]
     splits: dict[str, set[int]] = {}
     for _, job in finished:
         for metric in job.final:
-            match = PASSK.match(metric)
+            match = PASSK_KEY.match(metric)
             if match:
                 splits.setdefault(match["split"], set()).add(int(match["k"]))
     if not splits:
