@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,8 @@ SCHEDULES = ("constant", "linear", "cosine")
 SOURCES = ("reference", "rollouts")
 REVERSE_KL_ESTIMATORS = ("k1", "k2", "k3")
 WANDB_MODES = ("offline", "online", "disabled")
+
+log = logging.getLogger(__name__)
 
 
 class ConfigError(ValueError):
@@ -68,11 +71,33 @@ def _num(cfg: DictConfig, key: str, *, kind: type = float, low: float | None = N
     return value
 
 
+def _bool(cfg: DictConfig, key: str) -> bool:
+    value = OmegaConf.select(cfg, key)
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key}={value!r} is not allowed: use true or false")
+    return value
+
+
 def _choice(cfg: DictConfig, key: str, options: tuple[str, ...]) -> str:
     value = OmegaConf.select(cfg, key)
     if value not in options:
         raise ConfigError(f"{key}={value!r} is not allowed: choose one of {', '.join(options)}")
     return value
+
+
+DIVERGENCE_RUN_KEYS = ("name", "weight", "source", "rehearsal_batch_size")  # read by the trainer, not the generator
+
+
+def divergence_keys(name: str) -> list[str]:
+    """The keys a `divergence` config of this name may hold: the trainer's and its generator's parameters."""
+    import inspect
+
+    from dph.divergences import DIVERGENCES
+
+    if name == "none":
+        return ["name", "weight"]
+    params = list(inspect.signature(DIVERGENCES[name]).parameters)
+    return [*DIVERGENCE_RUN_KEYS, *(["estimator"] if name == "reverse_kl" else []), *params]
 
 
 def expected_metrics(cfg: DictConfig, eval_labels: list[str]) -> set[str]:
@@ -89,6 +114,7 @@ def validate(cfg: DictConfig, task_splits: dict[str, tuple[str, ...]]) -> list[s
     """Check the composed config; `task_splits` maps task names to their split names (the trained
     task first). Returns the eval labels. Raises ConfigError on the first impossible value."""
     from dph.divergences import DIVERGENCES
+    from dph.engines import ENGINES
 
     task_name = cfg.task.name
     _num(cfg, "seed", kind=int, low=0)
@@ -107,13 +133,19 @@ def validate(cfg: DictConfig, task_splits: dict[str, tuple[str, ...]]) -> list[s
     _choice(cfg, "algorithm.loss_agg", LOSS_AGGS)
     _num(cfg, "algorithm.epochs", kind=int, low=1)
     minibatches = _num(cfg, "algorithm.minibatches", kind=int, low=1)
-    if not isinstance(cfg.algorithm.norm_adv_by_std, bool):
-        raise ConfigError(f"algorithm.norm_adv_by_std={cfg.algorithm.norm_adv_by_std!r} is not allowed: use true or false")
+    _bool(cfg, "algorithm.norm_adv_by_std")
 
     # trainer
     _num(cfg, "trainer.steps", kind=int, low=0)
     prompts = _num(cfg, "trainer.prompts_per_step", kind=int, low=1)
     _num(cfg, "trainer.micro_batch_size", kind=int, low=1)
+    _num(cfg, "trainer.checkpoint_every", kind=int, low=0)
+    _num(cfg, "trainer.keep_checkpoints", kind=int, low=1)
+    _bool(cfg, "trainer.save_model")
+    resume = OmegaConf.select(cfg, "trainer.resume")
+    if not isinstance(resume, str) or not resume:
+        raise ConfigError(f"trainer.resume={resume!r} is not allowed: use auto, never or a checkpoint directory")
+    _choice(cfg, "rollout.engine", ENGINES)
     if minibatches > prompts * cfg.algorithm.group_size:
         raise ConfigError(
             f"algorithm.minibatches={minibatches} is larger than the rollouts per step "
@@ -131,6 +163,14 @@ def validate(cfg: DictConfig, task_splits: dict[str, tuple[str, ...]]) -> list[s
     if div.name != "none" and div.name not in DIVERGENCES:
         raise ConfigError(f"divergence.name={div.name!r} is not allowed: choose none or one of {', '.join(DIVERGENCES)}")
     _num(cfg, "divergence.weight", low=0)
+    known = divergence_keys(div.name)
+    unknown = sorted(set(div) - set(known))
+    if unknown:
+        raise ConfigError(f"divergence.{unknown[0]} is not a parameter of divergence={div.name}: "
+                          f"its keys are {', '.join(known)}")
+    if div.name == "none" and div.weight != 0:
+        log.warning("divergence.weight=%s is ignored: divergence=none has no term to weight "
+                    "(choose a divergence, e.g. divergence=js)", div.weight)
     if div.name != "none":
         _choice(cfg, "divergence.source", SOURCES)
         if div.name == "reverse_kl":
@@ -172,6 +212,7 @@ def validate(cfg: DictConfig, task_splits: dict[str, tuple[str, ...]]) -> list[s
     _num(cfg, "eval.every", kind=int, low=0)
     _num(cfg, "eval.n", kind=int, low=1)
     _num(cfg, "eval.max_prompts", kind=int, low=1, allow_none=True)
+    _num(cfg, "eval.sample_rows", kind=int, low=0)
     splits = OmegaConf.select(cfg, "eval.splits")
     if not OmegaConf.is_list(splits) or len(splits) == 0:
         raise ConfigError(f"eval.splits={splits!r} is not allowed: give a non-empty list, e.g. [test, ood]")

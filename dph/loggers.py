@@ -1,8 +1,9 @@
 """Metric logging: one small interface, a null implementation, and two backends.
 
 - ``Logger`` (= ``NullLogger``): the interface; every method is a no-op.
-- ``JsonlLogger``: ``metrics.jsonl`` + ``summary.json`` in the run directory (always on; the
-  plots and the sweep report read these files, not W&B).
+- ``JsonlLogger``: ``metrics.jsonl``, ``samples.jsonl``, ``eval_prompts.jsonl`` and ``summary.json``
+  in the run directory (always on; the plots, comparisons and the sweep report read these files,
+  not W&B).
 - ``WandbLogger``: Weights & Biases, offline by default (``wandb sync`` uploads a run later).
 - ``MultiLogger``: forwards every call to several loggers.
 
@@ -11,6 +12,12 @@
 Only the rank-0 process may log: the caller builds a real logger on rank 0 and ``NullLogger()``
 elsewhere. Metric names are slash-namespaced (``train/entropy``, ``eval/test/pass@8``); the step
 is always logged as ``train/step``.
+
+Resuming a run (dph.checkpoint): the JSONL files drop their records after the checkpoint's step
+(``rewind``) and continue; the W&B run continues under the same id. So that W&B's history has each
+step once, a W&B logger built with ``hold_until_flush`` keeps the rows it is given until ``flush``,
+which the trainer calls when a checkpoint is complete: rows after the last checkpoint of a run that
+fails are not sent (the resumed run sends them again).
 """
 
 from __future__ import annotations
@@ -19,14 +26,19 @@ import json
 import logging
 import math
 import os
+import secrets
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+from dph.fileio import write_text_atomic
 
 _log = logging.getLogger(__name__)
 
 STEP_KEY = "train/step"
 METRICS_FILE = "metrics.jsonl"
+SAMPLES_FILE = "samples.jsonl"
+PROMPTS_FILE = "eval_prompts.jsonl"
 SUMMARY_FILE = "summary.json"
 
 
@@ -39,11 +51,28 @@ class Logger:
     def log_passk(self, split: str, ks: list[int], values: list[float], step: int) -> None:
         """Record a Pass@k-versus-k curve of eval ``split`` at ``step`` (a chart, not scalars)."""
 
+    def log_samples(self, rows: list[dict[str, Any]], step: int) -> None:
+        """Record a table of sampled completions of the evaluation at ``step``."""
+
+    def log_prompt_results(self, split: str, results: list, n: int, step: int) -> None:
+        """Record per-prompt evaluation results (``PromptResult``: id, correct of n, distinct answers)."""
+
     def summary(self, values: Mapping[str, Any]) -> None:
         """Merge ``values`` into the run summary (later calls override earlier keys)."""
 
+    def flush(self) -> None:
+        """Everything logged so far is final (a checkpoint holds it): send what is held back."""
+
+    def rewind(self, step: int) -> None:
+        """Forget what was logged after ``step`` (a run resuming from a checkpoint at ``step``)."""
+
     def finish(self, exit_code: int = 0) -> None:
         """Flush and close; ``exit_code != 0`` marks the run as failed where the backend can."""
+
+    @property
+    def run_id(self) -> str | None:
+        """The backend's run id, which a resumed run continues (None: no backend run)."""
+        return None
 
 
 NullLogger = Logger
@@ -67,24 +96,19 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary file in the same directory and ``os.replace``."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
 class JsonlLogger(Logger):
-    """``metrics.jsonl`` (one JSON object per ``log`` call, ``train/step`` included) and ``summary.json``.
+    """JSON-lines files in the run directory, one record per line with ``train/step``:
 
-    Lines are appended, flushed and fsynced one at a time, so a killed run keeps every logged
-    step and a resumed run continues the same file. Non-finite floats are written as the strings
-    ``"NaN"``/``"Infinity"``/``"-Infinity"`` (strict JSON has no literal for them).
-    ``summary.json`` holds the merged ``summary`` calls and is replaced atomically on each call.
-    ``log_passk`` writes nothing: the same numbers are logged as ``eval/<split>/pass@<k>``.
+    - ``metrics.jsonl``: one object per ``log`` call;
+    - ``samples.jsonl``: one object per sampled completion of ``log_samples``;
+    - ``eval_prompts.jsonl``: one object per prompt of ``log_prompt_results`` (split, id, correct, n,
+      answers): what statistics over prompts need;
+    - ``summary.json``: the merged ``summary`` calls, replaced atomically on each call.
+
+    Lines are appended, flushed and fsynced one at a time, so a killed run keeps every logged step;
+    ``rewind`` rewrites each file (atomically) without the records after a step. Non-finite floats
+    are written as the strings ``"NaN"``/``"Infinity"``/``"-Infinity"`` (strict JSON has no literal
+    for them). ``log_passk`` writes nothing: the same numbers are logged as ``eval/<split>/pass@<k>``.
     """
 
     def __init__(self, path: str | Path):
@@ -94,21 +118,55 @@ class JsonlLogger(Logger):
         self._summary: dict[str, Any] = {}
         if self.summary_path.exists():
             self._summary = json.loads(self.summary_path.read_text(encoding="utf-8"))
-        self._file = open(self.path, "a", encoding="utf-8")
+        self._files = {name: self.path.with_name(name) for name in (self.path.name, SAMPLES_FILE, PROMPTS_FILE)}
+        self._open: dict[str, Any] = {}
+
+    def _append(self, name: str, records: list[dict[str, Any]]) -> None:
+        if name not in self._open:
+            self._open[name] = open(self._files[name], "a", encoding="utf-8")
+        handle = self._open[name]
+        for record in records:
+            handle.write(json.dumps(_plain(record), allow_nan=False) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
 
     def log(self, metrics: Mapping[str, float], step: int) -> None:
-        record = {STEP_KEY: int(step), **_plain(dict(metrics))}
-        self._file.write(json.dumps(record, allow_nan=False) + "\n")
-        self._file.flush()
-        os.fsync(self._file.fileno())
+        self._append(self.path.name, [{STEP_KEY: int(step), **dict(metrics)}])
+
+    def log_samples(self, rows: list[dict[str, Any]], step: int) -> None:
+        self._append(SAMPLES_FILE, [{STEP_KEY: int(step), **row} for row in rows])
+
+    def log_prompt_results(self, split: str, results: list, n: int, step: int) -> None:
+        self._append(PROMPTS_FILE, [{STEP_KEY: int(step), "split": split, "id": r.id, "correct": r.correct, "n": n,
+                                     "answers": list(r.answers)} for r in results])
 
     def summary(self, values: Mapping[str, Any]) -> None:
         self._summary.update(_plain(dict(values)))
-        _write_atomic(self.summary_path, json.dumps(self._summary, indent=2, allow_nan=False) + "\n")
+        write_text_atomic(self.summary_path, json.dumps(self._summary, indent=2, allow_nan=False) + "\n")
+
+    def rewind(self, step: int) -> None:
+        self._close()
+        for path in self._files.values():
+            if path.exists():
+                kept = [line for line in path.read_text(encoding="utf-8").splitlines(keepends=True)
+                        if _record_step(line) is not None and _record_step(line) <= step]
+                write_text_atomic(path, "".join(kept))
+
+    def _close(self) -> None:
+        for handle in self._open.values():
+            handle.close()
+        self._open.clear()
 
     def finish(self, exit_code: int = 0) -> None:
-        if not self._file.closed:
-            self._file.close()
+        self._close()
+
+
+def _record_step(line: str) -> int | None:
+    """The ``train/step`` of a JSONL line (None for a torn or foreign line, which a rewind drops)."""
+    try:
+        return int(json.loads(line)[STEP_KEY])
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 class WandbLogger(Logger):
@@ -123,9 +181,14 @@ class WandbLogger(Logger):
     service; ``import wandb`` adds 0.3 s) and about 0.01 s for later ones (0.05 s with wandb's
     defaults), and nothing tries to reach a server (error reporting is off as well).
     ``mode: online`` needs credentials (``wandb login`` or ``WANDB_API_KEY``) and never prompts.
+
+    ``run_id`` continues that W&B run (``resume="allow"``; offline, a second ``offline-run-*-<id>``
+    directory that ``wandb sync`` uploads into the same run); None starts a new one.
+    ``hold_until_flush``: rows, tables and charts wait for ``flush`` (see the module docstring).
     """
 
-    def __init__(self, cfg: Mapping[str, Any], run_dir: str | Path, config: Mapping[str, Any] | None = None):
+    def __init__(self, cfg: Mapping[str, Any], run_dir: str | Path, config: Mapping[str, Any] | None = None,
+                 run_id: str | None = None, hold_until_flush: bool = False):
         import wandb
 
         mode = cfg.get("mode", "offline")
@@ -163,6 +226,8 @@ class WandbLogger(Logger):
             config=_to_container(config or {}),
             settings=settings,
             reinit="finish_previous",
+            id=run_id or secrets.token_hex(4),
+            resume="allow",
         )
         self.run.define_metric(STEP_KEY)
         self.run.define_metric("*", step_metric=STEP_KEY)
@@ -170,23 +235,50 @@ class WandbLogger(Logger):
             offline_dir = Path(self.run.dir).parent
             _log.info("W&B offline run %s (upload later with `wandb sync %s`)", offline_dir.name, offline_dir)
         self._finished = False
+        self._hold = hold_until_flush
+        self._held: list[dict[str, Any]] = []
+
+    @property
+    def run_id(self) -> str:
+        return self.run.id
+
+    def _send(self, row: dict[str, Any], step: int) -> None:
+        row = {**row, STEP_KEY: int(step)}
+        if self._hold:
+            self._held.append(row)
+        else:
+            self.run.log(row)
 
     def log(self, metrics: Mapping[str, float], step: int) -> None:
-        self.run.log({**dict(metrics), STEP_KEY: int(step)})
+        self._send(dict(metrics), step)
 
     def log_passk(self, split: str, ks: list[int], values: list[float], step: int) -> None:
         if len(ks) != len(values):
             raise ValueError(f"log_passk({split!r}): {len(ks)} k values but {len(values)} pass@k values")
         table = self._wandb.Table(columns=["k", "pass@k"], data=[[int(k), float(v)] for k, v in zip(ks, values)])
         chart = self._wandb.plot.line(table, "k", "pass@k", title=f"{split}: Pass@k vs k at step {int(step)}")
-        self.run.log({f"charts/{split}/pass@k_vs_k": chart, STEP_KEY: int(step)})
+        self._send({f"charts/{split}/pass@k_vs_k/step_{int(step):06d}": chart}, step)
+
+    def log_samples(self, rows: list[dict[str, Any]], step: int) -> None:
+        if not rows:
+            return
+        columns = list(dict.fromkeys(key for row in rows for key in row))
+        table = self._wandb.Table(columns=columns, data=[[_plain(row.get(c)) for c in columns] for row in rows])
+        self._send({f"samples/step_{int(step):06d}": table}, step)
 
     def summary(self, values: Mapping[str, Any]) -> None:
         self.run.summary.update(_to_container(values))
 
+    def flush(self) -> None:
+        for row in self._held:
+            self.run.log(row)
+        self._held.clear()
+
     def finish(self, exit_code: int = 0) -> None:
         if not self._finished:
             self._finished = True
+            if exit_code == 0:
+                self.flush()
             self.run.finish(exit_code=exit_code)
 
 
@@ -233,9 +325,29 @@ class MultiLogger(Logger):
         for logger in self.loggers:
             logger.log_passk(split, ks, values, step)
 
+    def log_samples(self, rows: list[dict[str, Any]], step: int) -> None:
+        for logger in self.loggers:
+            logger.log_samples(rows, step)
+
+    def log_prompt_results(self, split: str, results: list, n: int, step: int) -> None:
+        for logger in self.loggers:
+            logger.log_prompt_results(split, results, n, step)
+
     def summary(self, values: Mapping[str, Any]) -> None:
         for logger in self.loggers:
             logger.summary(values)
+
+    def flush(self) -> None:
+        for logger in self.loggers:
+            logger.flush()
+
+    def rewind(self, step: int) -> None:
+        for logger in self.loggers:
+            logger.rewind(step)
+
+    @property
+    def run_id(self) -> str | None:
+        return next((logger.run_id for logger in self.loggers if logger.run_id is not None), None)
 
     def finish(self, exit_code: int = 0) -> None:
         errors = []
@@ -252,12 +364,14 @@ BACKENDS = ("none", "wandb")
 
 
 def build_logger(
-    logger_cfg: Mapping[str, Any] | None, run_dir: str | Path, config: Mapping[str, Any] | None = None
+    logger_cfg: Mapping[str, Any] | None, run_dir: str | Path, config: Mapping[str, Any] | None = None,
+    run_id: str | None = None, hold_until_flush: bool = False,
 ) -> MultiLogger:
-    """The run's logger: ``run_dir/metrics.jsonl`` always, plus W&B when ``logger_cfg.backend == "wandb"``.
+    """The run's logger: the JSONL files in ``run_dir`` always, plus W&B when ``logger_cfg.backend == "wandb"``.
 
-    ``config`` (the composed run config, a dict or DictConfig) is stored as the W&B run config.
-    Call on rank 0 only; other ranks use ``NullLogger()``.
+    ``config`` (the composed run config, a dict or DictConfig) is stored as the W&B run config;
+    ``run_id`` and ``hold_until_flush``: see WandbLogger. Call on rank 0 only; other ranks use
+    ``NullLogger()``.
     """
     backend = (logger_cfg or {}).get("backend", "none")
     if backend not in BACKENDS:
@@ -267,7 +381,7 @@ def build_logger(
     loggers: list[Logger] = [jsonl]
     if backend == "wandb":
         try:
-            loggers.append(WandbLogger(logger_cfg, run_dir, config))
+            loggers.append(WandbLogger(logger_cfg, run_dir, config, run_id, hold_until_flush))
         except BaseException:
             jsonl.finish(exit_code=1)
             raise

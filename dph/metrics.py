@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Hashable, Iterable, Sequence
+from typing import Collection, Hashable, Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -30,6 +30,14 @@ METRICS: dict[str, str] = {
     "train/ratio_mean": "mean importance ratio pi / pi_old over valid tokens",
     "train/approx_kl": "KL(pi_old || pi) per token (k3): how far the update moved the policy",
     "train/zero_std_frac": "fraction of prompt groups whose rewards are all equal (zero advantage)",
+    # policy-loss, advantage and entropy variants (dph.policy_losses, dph.advantages)
+    "train/cov_clip_frac": "fraction of valid tokens whose gradient Clip-Cov removed, or that KL-Cov "
+                           "penalised with |log pi/pi_old| (their highest advantage-logp covariance)",
+    "train/adv_mean_correct": "mean advantage of the step's correct rollouts (reward > 0; 0 if none)",
+    "train/adv_mean_wrong": "mean advantage of the step's wrong rollouts (reward <= 0; 0 if none)",
+    "train/updated_token_entropy": "mean entropy of the tokens kept by the high-entropy token selection",
+    "train/updated_token_frac": "fraction of valid tokens kept by the high-entropy token selection",
+    "train/entropy_coef": "coefficient of the entropy bonus (fixed, or the adaptive one's current value)",
     "train/response_length": "mean response length in tokens",
     "train/lr": "learning rate of the step",
     "train/status/<status>": "fraction of the step's rollouts the verifier judged <status>: correct, wrong, "
@@ -46,6 +54,13 @@ METRICS: dict[str, str] = {
     "eval/<split>/entropy": "mean per-token entropy of the policy on the sampled responses",
     "eval/<split>/reward_mean": "mean reward over all samples (equals pass@1)",
     "eval/<split>/distinct_correct": "distinct correct answers per prompt, averaged over prompts",
+    # forgetting, against the initial policy's evaluation at step 0 (same prompts, same eval.n; see forgetting())
+    "eval/<split>/forgotten": "fraction of the prompts the initial policy solved (at least one correct sample "
+                              "at step 0) that the current policy solves in none of its eval.n samples",
+    "eval/<split>/newly_solved": "fraction of the prompts the initial policy did not solve that the current "
+                                 "policy solves (at least one correct sample)",
+    "eval/<split>/solution_coverage": "per prompt, the fraction of the initial policy's distinct correct answers "
+                                      "that the current policy still produces, averaged over prompts that had one",
 }
 
 _TEMPLATE_FIELDS = {"<split>": r"(?P<split>[^@]+)", "<k>": r"(?P<k>[1-9][0-9]*)",
@@ -80,10 +95,13 @@ def ks_up_to(n: int) -> list[int]:
     return ks if ks[-1] == n else ks + [n]
 
 
+EVAL_SCALARS = ("entropy", "reward_mean", "distinct_correct", "forgotten", "newly_solved", "solution_coverage")
+
+
 def eval_metric_names(split: str, n: int) -> list[str]:
     """The exact eval metric names logged for `split` with eval.n = n samples per prompt."""
     names = [f"eval/{split}/pass@{k}" for k in ks_up_to(n)]
-    return names + [f"eval/{split}/{m}" for m in ("entropy", "reward_mean", "distinct_correct")]
+    return names + [f"eval/{split}/{m}" for m in EVAL_SCALARS]
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -144,3 +162,26 @@ def distinct_correct(answers: Sequence[Hashable | None], rewards: Sequence[float
     if len(answers) != len(rewards):
         raise ValueError(f"{len(answers)} answers but {len(rewards)} rewards")
     return len({a for a, r in zip(answers, rewards) if r > 0 and a is not None})
+
+
+def forgetting(initial: Mapping[str, tuple[int, Collection[Hashable]]],
+               current: Mapping[str, tuple[int, Collection[Hashable]]]) -> dict[str, float]:
+    """Forgetting against the initial policy, from per-prompt (correct samples, distinct correct answers).
+
+    Over the prompts present in both:
+      forgotten         = #{initial solved, current not} / #{initial solved}
+      newly_solved      = #{initial not solved, current solved} / #{initial not solved}
+      solution_coverage = mean over prompts with initial answers of |A_0 & A| / |A_0|
+    "Solved" means at least one correct sample; an empty denominator gives 0 (coverage: 1).
+    """
+    ids = [i for i in initial if i in current]
+    solved0 = [i for i in ids if initial[i][0] > 0]
+    unsolved0 = [i for i in ids if initial[i][0] == 0]
+    covered = [len(set(initial[i][1]) & set(current[i][1])) / len(set(initial[i][1]))
+               for i in ids if initial[i][1]]
+    return {
+        "forgotten": sum(current[i][0] == 0 for i in solved0) / len(solved0) if solved0 else 0.0,
+        "newly_solved": sum(current[i][0] > 0 for i in unsolved0) / len(unsolved0) if unsolved0 else 0.0,
+        "solution_coverage": sum(covered) / len(covered) if covered else 1.0,
+    }
+

@@ -10,7 +10,8 @@ No weights can be downloaded, so `model=tiny` builds its own base model:
 The result is saved with `save_pretrained` under `<cache_dir>/models/tiny-<hash>`, where the hash
 covers everything that determines it (architecture, warm-up settings, tasks' fingerprints, seed,
 builder version, `model.seed`). Built once with a progress bar, then reused; written atomically (a temporary
-directory renamed into place) under a file lock, so parallel runs build it once.
+directory renamed into place) under a file lock, so parallel runs build it once, with the sha256 of
+every file in its manifest (`dph_build.json`): a damaged cache is rebuilt, never loaded.
 
 `model=hf model.path=DIR` loads any local causal LM and its tokenizer through the same code path.
 """
@@ -21,19 +22,16 @@ import hashlib
 import json
 import logging
 import math
-import os
 import random
-import shutil
 import string
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from filelock import FileLock
 from tqdm.auto import tqdm
 
+from dph.fileio import building, checksum_problem, checksums, new_dir, sha256_file, write_text_atomic
 from dph.tasks import Task
 
 log = logging.getLogger(__name__)
@@ -74,25 +72,39 @@ def tiny_spec(model_cfg: Mapping[str, Any], tasks: Sequence[Task], seed: int) ->
     }
 
 
+BUILD_MANIFEST = "dph_build.json"  # the tiny model's spec, build stats and file checksums (written last)
+
+
 def tiny_model_dir(model_cfg: Mapping[str, Any], tasks: Sequence[Task], cache_dir: str | Path) -> Path:
-    """Build the tiny base model (seeded by model.seed) if it is not cached yet; return its directory."""
+    """Build the tiny base model (seeded by model.seed) if no valid build is cached; return its directory.
+
+    A cached build is used only when every file matches the checksums of its manifest; a damaged one
+    (e.g. a truncated model.safetensors) is rebuilt with a warning."""
     spec = tiny_spec(model_cfg, tasks, model_cfg["seed"])
-    models_dir = Path(cache_dir) / "models"
-    target = models_dir / f"tiny-{fingerprint_hash(spec)}"
-    models_dir.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(target) + ".lock"):
-        if (target / "dph_build.json").exists():
+    target = Path(cache_dir) / "models" / f"tiny-{fingerprint_hash(spec)}"
+    with building(target, "the tiny base model"):
+        problem = _build_problem(target)
+        if problem is None:
             log.info("Using cached base model %s", target)
             return target
+        if target.exists():
+            log.warning("Cached base model %s is not valid (%s): rebuilding it", target, problem)
         log.info("Building the tiny base model (once per configuration) into %s", target)
-        tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=models_dir))
-        try:
+        with new_dir(target) as tmp:
             stats = _build_tiny(spec, tasks, tmp)
-            (tmp / "dph_build.json").write_text(json.dumps({"spec": spec, "stats": stats}, indent=2))
-            os.replace(tmp, target)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            manifest = {"spec": spec, "stats": stats, "files": checksums(tmp)}
+            write_text_atomic(tmp / BUILD_MANIFEST, json.dumps(manifest, indent=2))
     return target
+
+
+def _build_problem(directory: Path) -> str | None:
+    """None when ``directory`` holds a complete tiny-model build, else what is wrong with it."""
+    try:
+        manifest = json.loads((directory / BUILD_MANIFEST).read_text())
+        files = manifest["files"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"no readable {BUILD_MANIFEST} with file checksums ({type(e).__name__})"
+    return checksum_problem(directory, files)
 
 
 def _build_tiny(spec: Mapping[str, Any], tasks: Sequence[Task], out_dir: Path) -> dict[str, Any]:
@@ -186,13 +198,14 @@ def resolve_model_dir(model_cfg: Mapping[str, Any], tasks: Sequence[Task], cache
     return Path(model_cfg["path"]).expanduser()
 
 
-def model_fingerprint(model_dir: Path) -> dict[str, Any]:
-    """Identifies a saved model cheaply: its config and the size and mtime of its weight files."""
-    files = sorted(p for p in model_dir.iterdir() if p.suffix in {".safetensors", ".bin", ".json", ".model"})
-    return {
-        "path": str(model_dir.resolve()),
-        "files": {p.name: [p.stat().st_size, int(p.stat().st_mtime)] for p in files},
-    }
+def model_fingerprint(model_dir: Path) -> dict[str, str]:
+    """What a saved model is, by content (not by where it lies): {file name: sha256} of the files
+    that define it (weights, config, tokenizer). Cache keys built on it survive a move or a copy."""
+    manifest = model_dir / BUILD_MANIFEST
+    if manifest.is_file():  # a tiny build: its checksums were verified when it was resolved
+        return json.loads(manifest.read_text())["files"]
+    return {p.name: sha256_file(p) for p in sorted(model_dir.iterdir())
+            if p.is_file() and not p.name.startswith(".") and p.suffix != ".lock"}
 
 
 def load_policy(model_dir: Path, model_cfg: Mapping[str, Any], device: torch.device | str = "cpu"):

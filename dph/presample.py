@@ -20,12 +20,8 @@ build it once; a cache whose manifest or tensors do not match is rebuilt, with a
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import os
-import shutil
-import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -33,11 +29,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from filelock import FileLock
 from safetensors.torch import load_file, save_file
 
+from dph.fileio import building, new_dir, sha256_file
 from dph.models import encode_prompts, fingerprint_hash
-from dph.rollout import SequenceBatch, sample, token_logprobs
+from dph.rollout import SequenceBatch, token_logprobs
+from dph.seeding import stage_seed
 from dph.tasks import Problem, Task
 
 log = logging.getLogger(__name__)
@@ -84,14 +81,13 @@ def presample_spec(model_fp: dict, task: Task, cfg) -> dict[str, Any]:
     }
 
 
-def load_or_build(policy, tokenizer, task: Task, model_fp: dict, cfg, cache_dir: str | Path) -> ReferenceData:
-    """Reuse the cache for this key when it is valid; otherwise pre-sample and write it."""
+def load_or_build(engine, policy, tokenizer, task: Task, model_fp: dict, cfg, cache_dir: str | Path) -> ReferenceData:
+    """Reuse the cache for this key when it is valid; otherwise pre-sample it (responses drawn by the
+    rollout `engine`, log-probs computed with `policy`, the initial policy) and write it."""
     spec = presample_spec(model_fp, task, cfg)
     key = fingerprint_hash(spec)
-    root = Path(cache_dir) / "presample"
-    target = root / key
-    root.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(target) + ".lock"):
+    target = Path(cache_dir) / "presample" / key
+    with building(target, "the pre-sampling cache"):
         if target.exists():
             try:
                 data = _load(target, key)
@@ -99,27 +95,14 @@ def load_or_build(policy, tokenizer, task: Task, model_fp: dict, cfg, cache_dir:
                 return data
             except CacheMismatch as e:
                 log.warning("Pre-sampling cache %s is not valid (%s): rebuilding it", target, e)
-                shutil.rmtree(target)
-        tmp = Path(tempfile.mkdtemp(prefix=key + ".tmp-", dir=root))
-        try:
-            _build(policy, tokenizer, task, spec, key, cfg, tmp)
-            os.replace(tmp, target)
-            log.info("Wrote the pre-sampling cache %s", target)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        with new_dir(target) as tmp:
+            _build(engine, policy, tokenizer, task, spec, key, cfg, tmp)
+        log.info("Wrote the pre-sampling cache %s", target)
     return _load(target, key)
 
 
 class CacheMismatch(ValueError):
     pass
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _load(directory: Path, key: str) -> ReferenceData:
@@ -130,7 +113,7 @@ def _load(directory: Path, key: str) -> ReferenceData:
     if manifest.get("key") != key or manifest.get("format") != FORMAT_VERSION:
         raise CacheMismatch(f"manifest key {manifest.get('key')!r} does not match {key!r}")
     tensor_path = directory / TENSOR_FILE
-    if not tensor_path.exists() or _sha256(tensor_path) != manifest.get("sha256"):
+    if not tensor_path.exists() or sha256_file(tensor_path) != manifest.get("sha256"):
         raise CacheMismatch(f"{TENSOR_FILE} is missing or its sha256 differs from the manifest")
     t = load_file(tensor_path)
     if set(t) != set(TENSOR_KEYS) or len(t["input_ids"]) != manifest["counts"]["reference_samples"]:
@@ -140,22 +123,21 @@ def _load(directory: Path, key: str) -> ReferenceData:
 
 
 @torch.no_grad()
-def _build(policy, tokenizer, task: Task, spec: dict, key: str, cfg, out_dir: Path) -> None:
+def _build(engine, policy, tokenizer, task: Task, spec: dict, key: str, cfg, out_dir: Path) -> None:
     from tqdm.auto import tqdm
 
     p = cfg.presample
     problems = task.problems("train")
     log.info("Pre-sampling %d responses for each of %d training prompts (once per cache key)", p.n, len(problems))
-    torch.manual_seed(cfg.presample.seed)
     chunk = max(1, cfg.generation.batch_size // p.n)
     pass_counts: list[int] = []
     kept: list[SequenceBatch] = []
     kept_index: list[int] = []
-    for start in tqdm(range(0, len(problems), chunk), desc="pre-sampling", unit="batch"):
+    for index, start in enumerate(tqdm(range(0, len(problems), chunk), desc="pre-sampling", unit="batch")):
         part = problems[start : start + chunk]
         ids = encode_prompts(tokenizer, [q.prompt for q in part], cfg.model.chat_template)
-        batch = sample(policy, tokenizer, ids, n=p.n, max_new_tokens=cfg.generation.max_new_tokens,
-                       temperature=p.temperature, top_p=1.0, batch_size=cfg.generation.batch_size)
+        batch = engine.generate(ids, n=p.n, max_new_tokens=cfg.generation.max_new_tokens,
+                                temperature=p.temperature, top_p=1.0, seed=stage_seed(p.seed, "presample", index))
         correct = torch.tensor([task.score(part[i // p.n], text).reward > 0 for i, text in enumerate(batch.texts)])
         for j in range(len(part)):
             c = int(correct[j * p.n : (j + 1) * p.n].sum())
@@ -201,7 +183,7 @@ def _build(policy, tokenizer, task: Task, spec: dict, key: str, cfg, out_dir: Pa
         "pass_rate_histogram": {f"{c}/{p.n}": histogram.get(c, 0) for c in range(p.n + 1)},
         "d_pef": pef,
         "d_exp": exp,
-        "sha256": _sha256(out_dir / TENSOR_FILE),
+        "sha256": sha256_file(out_dir / TENSOR_FILE),
     }
     (out_dir / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1))
 

@@ -20,12 +20,16 @@ from dph.metrics import entropy_from_logits
 
 @dataclass
 class SequenceBatch:
-    """Prompts and responses as padded tensors, plus the decoded response texts."""
+    """Prompts and responses as padded tensors, plus the decoded response texts; from a rollout engine
+    also its log-probs of the sampled tokens [B, T] (zeros on padding) and why each response ended
+    ("stop": eos, "length": max_new_tokens)."""
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     response_mask: torch.Tensor
     texts: list[str]
+    logprobs: torch.Tensor | None = None
+    finish_reasons: list[str] | None = None
 
     @property
     def prompt_width(self) -> int:
@@ -41,12 +45,16 @@ class SequenceBatch:
             self.attention_mask[index],
             self.response_mask[index],
             [self.texts[i] for i in rows],
+            None if self.logprobs is None else self.logprobs[index],
+            None if self.finish_reasons is None else [self.finish_reasons[i] for i in rows],
         )
 
 
 def collate(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], texts: list[str], pad_id: int,
-            device: torch.device | str = "cpu") -> SequenceBatch:
-    """Pad token lists into a SequenceBatch (prompts on the left, responses on the right)."""
+            device: torch.device | str = "cpu", *, logprobs: Sequence[Sequence[float]] | None = None,
+            finish_reasons: list[str] | None = None) -> SequenceBatch:
+    """Pad token lists into a SequenceBatch (prompts on the left, responses on the right); per-token
+    log-probs of the responses, when given, are padded like the responses."""
     width_p = max(len(p) for p in prompts)
     width_r = max(1, max(len(r) for r in responses))
     ids = torch.full((len(prompts), width_p + width_r), pad_id, dtype=torch.long)
@@ -57,50 +65,13 @@ def collate(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]]
         ids[row, width_p : width_p + len(r)] = torch.as_tensor(r, dtype=torch.long)
         attn[row, width_p - len(p) : width_p + len(r)] = 1
         resp[row, : len(r)] = 1
-    return SequenceBatch(ids.to(device), attn.to(device), resp.to(device), texts)
-
-
-@torch.no_grad()
-def sample(model, tokenizer, prompts: Sequence[Sequence[int]], *, n: int, max_new_tokens: int,
-           temperature: float, top_p: float, batch_size: int) -> SequenceBatch:
-    """Sample `n` responses per prompt with HF `generate` (KV cache); rows are prompt-major.
-
-    Each response ends at (and includes) the first eos; a response that never emits eos is cut at
-    `max_new_tokens`. Only temperature and top_p shape sampling (top_k and penalties are off).
-    """
-    device = next(model.parameters()).device
-    eos = tokenizer.eos_token_id
-    rows = [list(p) for p in prompts for _ in range(n)]
-    responses: list[list[int]] = []
-    was_training = model.training
-    model.eval()
-    for start in range(0, len(rows), batch_size):
-        chunk = rows[start : start + batch_size]
-        width = max(len(p) for p in chunk)
-        ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
-        attn = torch.zeros_like(ids)
-        for i, p in enumerate(chunk):
-            ids[i, width - len(p) :] = torch.as_tensor(p)
-            attn[i, width - len(p) :] = 1
-        out = model.generate(
-            input_ids=ids.to(device),
-            attention_mask=attn.to(device),
-            do_sample=True,
-            temperature=temperature,
-            top_p=top_p,
-            top_k=0,
-            repetition_penalty=1.0,
-            max_new_tokens=max_new_tokens,
-            min_new_tokens=0,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=eos,
-            use_cache=True,
-        )
-        for seq in out[:, width:].tolist():
-            responses.append(seq[: seq.index(eos) + 1] if eos in seq else seq)
-    model.train(was_training)
-    texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
-    return collate(rows, responses, texts, tokenizer.pad_token_id, device)
+    logp = None
+    if logprobs is not None:
+        logp = torch.zeros((len(prompts), width_r), dtype=torch.float32)
+        for row, values in enumerate(logprobs):
+            logp[row, : len(values)] = torch.as_tensor(values, dtype=torch.float32)
+        logp = logp.to(device)
+    return SequenceBatch(ids.to(device), attn.to(device), resp.to(device), texts, logp, finish_reasons)
 
 
 def token_logprobs(model, batch: SequenceBatch, temperature: float, group: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
@@ -149,3 +120,20 @@ def shares_prompts(batch: SequenceBatch, group: int) -> bool:
         return False
     prompts = batch.input_ids[:, : batch.prompt_width].view(-1, group, batch.prompt_width)
     return bool((prompts == prompts[:, :1]).all())
+
+
+def micro_slices(n: int, size: int, group: int = 1) -> list[slice]:
+    """Micro-batches of at most ``size`` rows, cut at whole groups of ``group`` rows when one fits
+    (so that each group's prompt is computed once)."""
+    size = size - size % group if group <= size else size
+    return [slice(i, min(n, i + size)) for i in range(0, n, size)]
+
+
+@torch.no_grad()
+def logprobs_no_grad(model, batch: SequenceBatch, temperature: float, group: int, micro_batch_size: int
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """token_logprobs of a prompt-major batch (``group`` responses per prompt), in micro-batches."""
+    parts = [token_logprobs(model, batch.select(s), temperature, group)
+             for s in micro_slices(len(batch), micro_batch_size, group)]
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import re
+import shutil
 import sys
 from pathlib import Path
+from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
@@ -18,7 +24,7 @@ log = logging.getLogger(__name__)
 
 def setup(cfg: DictConfig):
     """Build the task and eval sets and validate the config; nothing expensive happens here."""
-    from dph.trainer import EvalSet
+    from dph.evaluation import EvalSet
 
     task = _build_task(cfg.task, "task")
     tasks = {task.name: task}
@@ -62,49 +68,108 @@ def _build_task(task_cfg: DictConfig, where: str):
         raise ConfigError(f"{where}: {e}") from e
 
 
-def run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
-    """Validate, train and evaluate; returns the last value of every logged metric."""
+def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+    """Validate, train (or resume) and evaluate; returns the run summary (the last value of every
+    metric, the step-0 evaluation as `initial/...`, the split, the model directories)."""
+    from dph import checkpoint
     from dph.loggers import NullLogger, build_logger
     from dph.plots import load_metrics, plot_run
     from dph.trainer import Trainer
 
     task, eval_sets = setup(cfg)
+    resume_from = checkpoint.select(run_dir, cfg.trainer.resume, checkpoint.run_config(cfg))
+    main_process = int(os.environ.get("RANK", "0")) == 0
+    if resume_from is None and main_process:
+        checkpoint.set_aside(run_dir)  # never two runs in one metrics.jsonl
     reporter = None
     if cfg.get("trial") is not None:
         from dph.pruning import TrialReporter
 
         reporter = TrialReporter.from_config(cfg.trial, cfg.optimized_metric)
 
-    trainer = Trainer(cfg, task, eval_sets, run_dir, NullLogger(), reporter)
+    trainer = Trainer(cfg, task, eval_sets, run_dir, NullLogger(), reporter, resume_from)
     if trainer.acc.is_main_process:
-        trainer.logger = build_logger(_logger_cfg(cfg, run_dir), run_dir, OmegaConf.to_container(cfg, resolve=True))
-    ok = False
+        trainer.logger = build_logger(_logger_cfg(cfg, run_dir), run_dir, OmegaConf.to_container(cfg, resolve=True),
+                                      run_id=trainer.state.logger_run_id,
+                                      hold_until_flush=bool(cfg.trainer.checkpoint_every))
+        trainer.state.logger_run_id = trainer.logger.run_id
+        if resume_from is not None:
+            trainer.logger.rewind(trainer.state.step)
+            log.info("Resuming from checkpoint %s: step %d of %d", resume_from, trainer.state.step, cfg.trainer.steps)
+    ok, pruned = False, None
     try:
-        history = trainer.fit()
+        trainer.fit()
         ok = True
+    except Exception as e:
+        if type(e).__name__ != "TrialPruned":
+            raise
+        ok, pruned = True, e  # a pruned sweep trial ends here: keep what it trained, then tell the sweeper
     finally:
+        summary = {**trainer.state.history, "train/step": trainer.state.step}
+        if ok:
+            summary.update({f"initial/{k}": v for k, v in trainer.state.initial_metrics.items()})
+            summary.update(trainer.split_summary())
+            summary["model_dir"] = str(trainer.model_dir)
+            summary["trained_model"] = str(trainer.save_policy()) if cfg.trainer.save_model else None
         if trainer.acc.is_main_process:
             if ok:
-                trainer.logger.summary({**history, **trainer.split_summary(), "model_dir": str(trainer.model_dir)})
+                trainer.logger.summary(summary)
             trainer.logger.finish(0 if ok else 1)
             metrics_file = run_dir / "metrics.jsonl"
             if metrics_file.exists():
                 plot_run(load_metrics(metrics_file), run_dir)
-    return history
+        trainer.close()
+    if pruned is not None:
+        raise pruned
+    return summary
 
 
 def _logger_cfg(cfg: DictConfig, run_dir: Path) -> DictConfig:
-    """The logger config with a run name and group filled in (a sweep trial is named after it)."""
+    """The logger config with a run name and group filled in: the run is named after what it is
+    (method, divergence and weight, seed) and when or which trial it is, e.g. `dph_js js0.05 seed0 17-52-56`."""
     logger_cfg = OmegaConf.to_container(cfg.logger, resolve=True)
     trial = cfg.get("trial")
     if trial is not None:
         logger_cfg["group"] = logger_cfg.get("group") or trial.study_name
-        logger_cfg["name"] = logger_cfg.get("name") or f"trial-{trial.number}"
-    logger_cfg["name"] = logger_cfg.get("name") or run_dir.name
+    if not logger_cfg.get("name"):
+        choices = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
+        div = cfg.divergence
+        parts = [choices.get("experiment") or "run", div.name if div.name == "none" else f"{div.name}{div.weight:g}",
+                 f"seed{cfg.seed}", f"trial-{trial.number}" if trial is not None else run_dir.name]
+        logger_cfg["name"] = " ".join(str(p) for p in parts if p and p != "null")
     return OmegaConf.create(logger_cfg)
 
 
-def objective(cfg: DictConfig, history: dict[str, float]) -> float | list[float]:
+def result_block(summary: dict[str, Any], run_dir: Path) -> str:
+    """A few lines for the terminal: where the run is, Pass@1 and Pass@k (largest k) per split at step 0
+    and at the end, and the saved policy."""
+    lines = [f"dph-train: done: {run_dir}"]
+    splits: dict[str, int] = {}
+    for key in summary:
+        match = PASSK.match(key)
+        if match:
+            splits[match["split"]] = max(splits.get(match["split"], 0), int(match["k"]))
+    step = summary.get("train/step", "end")
+    for split, k in splits.items():
+        cells = []
+        for kk in sorted({1, k}):
+            key = f"eval/{split}/pass@{kk}"
+            before = summary.get(f"initial/{key}")
+            cells.append(f"pass@{kk} {_fmt(before)} -> {_fmt(summary.get(key))}")
+        lines.append(f"  {split:<12} " + "   ".join(cells) + f"   (step 0 -> {step})")
+    if summary.get("trained_model"):
+        lines.append(f"  trained policy: {summary['trained_model']}")
+    return "\n".join(lines) + "\n"
+
+
+PASSK = re.compile(r"^eval/(?P<split>.+)/pass@(?P<k>\d+)$")
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.3f}" if isinstance(value, (int, float)) else "n/a"
+
+
+def objective(cfg: DictConfig, history: dict[str, Any]) -> float | list[float]:
     wanted = cfg.optimized_metric
     names = [wanted] if isinstance(wanted, str) else list(wanted)
     missing = [m for m in names if m not in history]
@@ -118,15 +183,40 @@ def objective(cfg: DictConfig, history: dict[str, float]) -> float | list[float]
 def main(cfg: DictConfig) -> float | list[float] | None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
-        history = run(cfg, run_dir)
+        summary = run(cfg, run_dir)
     except ConfigError as e:
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             raise  # the sweeper records the job as failed
+        _remove_if_empty(run_dir)
         sys.stderr.write(f"dph-train: error: {e}\n")
         sys.exit(2)
+    if int(os.environ.get("RANK", "0")) == 0:
+        sys.stdout.write(result_block(summary, run_dir))
+        sys.stdout.flush()
     if cfg.optimized_metric is None:
         return None
-    return objective(cfg, history)
+    return objective(cfg, summary)
+
+
+def _remove_if_empty(run_dir: Path) -> None:
+    """Remove a run directory that holds only what Hydra wrote before the run was refused (its
+    .hydra/ and an empty log), and its date folder when that is left empty."""
+    hydra_files = {".hydra", f"{HydraConfig.get().job.name}.log"}
+    entries = {p.name for p in run_dir.iterdir()} if run_dir.is_dir() else set()
+    log_file = run_dir / f"{HydraConfig.get().job.name}.log"
+    if entries <= hydra_files and (not log_file.exists() or log_file.stat().st_size == 0):
+        logging.shutdown()
+        shutil.rmtree(run_dir, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            run_dir.parent.rmdir()  # only if empty
+
+
+class MultirunDirCallback(Callback):
+    """Says where a multirun's job directories are when it ends."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sys.stdout.write(f"dph-train: multirun done: {config.hydra.sweep.dir}\n")
+        sys.stdout.flush()
 
 
 @hydra.main(version_base="1.3", config_path=str(package_root() / "conf"), config_name="config")
@@ -136,9 +226,10 @@ def presample_main(cfg: DictConfig) -> None:
     dph-train runs it by itself when the divergence uses `source: reference` and no valid cache
     exists; running it first lets several runs or sweep trials start from a ready cache.
     """
+    from dph.engines import build_engine
     from dph.models import load_policy, model_fingerprint, resolve_model_dir
     from dph.presample import load_or_build, split_metrics
-    from dph.trainer import _unique_tasks
+    from dph.trainer import _max_model_len, _unique_tasks
 
     try:
         task, eval_sets = setup(cfg)
@@ -148,7 +239,12 @@ def presample_main(cfg: DictConfig) -> None:
     tasks = _unique_tasks([task, *(e.task for e in eval_sets)])
     model_dir = resolve_model_dir(cfg.model, tasks, cfg.paths.cache_dir)
     policy, tokenizer = load_policy(model_dir, cfg.model, "cuda" if cfg.device != "cpu" and _cuda() else "cpu")
-    data = load_or_build(policy, tokenizer, task, model_fingerprint(model_dir), cfg, cfg.paths.cache_dir)
+    engine = build_engine(cfg.rollout, policy, tokenizer, model_dir=model_dir, batch_size=cfg.generation.batch_size,
+                          max_model_len=_max_model_len(policy))
+    try:
+        data = load_or_build(engine, policy, tokenizer, task, model_fingerprint(model_dir), cfg, cfg.paths.cache_dir)
+    finally:
+        engine.close()
     for key, value in split_metrics(data.manifest).items():
         log.info("%s: %s", key, value)
 

@@ -21,8 +21,14 @@ What one step computes (differences from the GRPO paper are numbered):
      about (G - 1) / G of the prompt's compute saved. Micro-batches (and, with several, minibatches)
      are cut at whole groups.
 
-Evaluation (step 0, every `eval.every` steps and at the end): `eval.n` samples per prompt, the
-unbiased pass@k for k = 1, 2, 4, ..., n, mean reward, entropy and distinct correct answers.
+Rollouts, evaluation samples and the pre-sampling go through a rollout engine (dph.engines: HF
+`generate` or vLLM); the loss never uses the engine's log-probs, only the training model's. Every
+random draw is seeded by its stage and step (dph.seeding), and a checkpoint (dph.checkpoint) holds
+the rest of the state, so a resumed run ends exactly as an uninterrupted one.
+
+Evaluation (dph.evaluation; step 0, every `eval.every` steps and at the end): `eval.n` samples per
+prompt, the unbiased pass@k for k = 1, 2, 4, ..., n, mean reward, entropy, distinct correct answers
+and forgetting against step 0.
 """
 
 from __future__ import annotations
@@ -36,29 +42,24 @@ import os
 import random
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from dph import algos, divergences, presample
-from dph.metrics import ks_up_to, pass_at_k_mean
+from dph import algos, checkpoint, divergences, presample
+from dph.distributed import Ranks
+from dph.engines import build_engine
+from dph.evaluation import EvalSet, Evaluator, PromptResult
 from dph.models import encode_prompts, load_policy, model_fingerprint, resolve_model_dir
-from dph.rollout import SequenceBatch, sample, token_logprobs
+from dph.rollout import SequenceBatch, logprobs_no_grad, micro_slices, token_logprobs
+from dph.seeding import generator, stage_seed
 from dph.tasks import STATUSES, Problem, Task
 
 log = logging.getLogger(__name__)
 
-
-@dataclass(frozen=True)
-class EvalSet:
-    """One evaluation split: metrics are logged under `eval/<label>/...`."""
-
-    label: str
-    task: Task
-    split: str
+__all__ = ["EvalSet", "PromptStream", "Trainer", "build_optimizer"]
 
 
 class PromptStream:
@@ -74,6 +75,14 @@ class PromptStream:
                 self.order = self.rng.sample(range(len(self.problems)), len(self.problems))
             out.append(self.problems[self.order.pop()])
         return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rng": self.rng.getstate(), "order": list(self.order)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        version, internal, gauss = state["rng"]
+        self.rng.setstate((version, tuple(internal), gauss))
+        self.order = list(state["order"])
 
 
 def build_optimizer(params, opt_cfg: Mapping[str, Any], total_steps: int):
@@ -97,22 +106,26 @@ def build_optimizer(params, opt_cfg: Mapping[str, Any], total_steps: int):
 
 
 class Trainer:
-    def __init__(self, cfg: DictConfig, task: Task, eval_sets: list[EvalSet], run_dir: Path, logger, reporter=None):
+    def __init__(self, cfg: DictConfig, task: Task, eval_sets: list[EvalSet], run_dir: Path, logger,
+                 reporter=None, resume_from: Path | None = None):
         from accelerate import Accelerator
         from accelerate.utils import set_seed
 
         self.cfg, self.task, self.eval_sets, self.run_dir = cfg, task, eval_sets, run_dir
         self.logger, self.reporter = logger, reporter
         self.acc = Accelerator(cpu=cfg.device == "cpu", mixed_precision=cfg.precision)
+        self.ranks = Ranks(self.acc)
         if self.acc.device.type == "cpu" and self.acc.num_processes > 1:
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // self.acc.num_processes))
-        set_seed(cfg.seed + self.acc.process_index)
         log.info("Training on %s with %d process(es)", self.acc.device, self.acc.num_processes)
 
         tasks = _unique_tasks([task, *(e.task for e in eval_sets)])
         with self.acc.main_process_first():  # rank 0 builds the tiny base model once; others then load it
             self.model_dir = resolve_model_dir(cfg.model, tasks, cfg.paths.cache_dir)
         policy, self.tokenizer = load_policy(self.model_dir, cfg.model, self.acc.device)
+        g = cfg.generation
+        self.engine = build_engine(cfg.rollout, policy, self.tokenizer, model_dir=self.model_dir,
+                                   batch_size=g.batch_size, max_model_len=_max_model_len(policy))
 
         # The divergence term: on rollouts against a frozen initial policy (a second model), or on
         # pre-sampled initial-policy data (DPH: RL on D_exp only, no reference model at all).
@@ -126,28 +139,47 @@ class Trainer:
         elif self.divergence is not None:
             with self.acc.main_process_first():
                 self.reference_data = presample.load_or_build(
-                    policy, self.tokenizer, task, model_fingerprint(self.model_dir), cfg, cfg.paths.cache_dir
+                    self.engine, policy, self.tokenizer, task, model_fingerprint(self.model_dir), cfg, cfg.paths.cache_dir
                 )
-            counts = self.reference_data.manifest["counts"]
-            if counts["reference_samples"] == 0:
-                raise RuntimeError(
-                    f"presample: no training prompt reached presample.threshold={cfg.presample.threshold} "
-                    f"with presample.n={cfg.presample.n}, so there is nothing to rehearse: lower the threshold"
-                )
-            train_problems = self.reference_data.exploration_problems(task)
-            if not train_problems:
-                raise RuntimeError("presample: every training prompt is in D_pef, so RL has no prompt left: "
-                                   "raise presample.threshold or use divergence.source=rollouts")
-            log.info("DPH split: %d prompts in D_exp (RL), %d in D_pef (%d reference samples)",
-                     counts["d_exp"], counts["d_pef"], counts["reference_samples"])
-            self.rehearsal_rng = torch.Generator().manual_seed(cfg.seed + 1000 * self.acc.process_index)
+            train_problems = self._exploration_problems()
 
         a = cfg.algorithm
         total_updates = cfg.trainer.steps * a.epochs * a.minibatches
         optimizer, self.scheduler = build_optimizer(policy.parameters(), cfg.optimizer, total_updates)
         self.policy, self.optimizer = self.acc.prepare(policy, optimizer)
         self.prompts = PromptStream(train_problems, cfg.seed)
-        self.history: dict[str, float] = {}
+        self.evaluator = Evaluator(
+            eval_sets, self.tokenizer, self.ranks, n=cfg.eval.n, max_prompts=cfg.eval.max_prompts,
+            sample_rows=cfg.eval.sample_rows, temperature=g.temperature, top_p=g.top_p,
+            max_new_tokens=g.max_new_tokens, chat_template=cfg.model.chat_template,
+            micro_batch_size=cfg.trainer.micro_batch_size, seed=cfg.seed,
+        )
+        self.state = checkpoint.TrainState()
+        self.checkpoints = checkpoint.Checkpointer(
+            self.acc, run_dir, cfg.trainer.keep_checkpoints, checkpoint.run_config(cfg),
+            [self.scheduler, self.prompts, self.state],
+        )
+        set_seed(cfg.seed + self.acc.process_index)  # after every build: the global generators start alike
+        self._engine_stale = False
+        if resume_from is not None:
+            self.checkpoints.load(resume_from)
+            self._engine_stale = True
+
+    def _exploration_problems(self) -> list[Problem]:
+        """D_exp, with the split logged; an empty side of the split is an error with the fix."""
+        cfg, counts = self.cfg, self.reference_data.manifest["counts"]
+        if counts["reference_samples"] == 0:
+            raise RuntimeError(
+                f"presample: no training prompt reached presample.threshold={cfg.presample.threshold} "
+                f"with presample.n={cfg.presample.n}, so there is nothing to rehearse: lower the threshold"
+            )
+        problems = self.reference_data.exploration_problems(self.task)
+        if not problems:
+            raise RuntimeError("presample: every training prompt is in D_pef, so RL has no prompt left: "
+                               "raise presample.threshold or use divergence.source=rollouts")
+        log.info("DPH split: %d prompts in D_exp (RL), %d in D_pef (%d reference samples)",
+                 counts["d_exp"], counts["d_pef"], counts["reference_samples"])
+        return problems
 
     def split_summary(self) -> dict[str, Any]:
         """D_exp / D_pef sizes and the pass-rate histogram, for the run summary (DPH only)."""
@@ -158,46 +190,30 @@ class Trainer:
     def generator_model(self):
         return self.acc.unwrap_model(self.policy)
 
-    def _shard(self, items: list) -> list:
-        """This rank's contiguous share of a list that every rank holds in full."""
-        n, r, k = len(items), self.acc.process_index, self.acc.num_processes
-        return items[r * n // k : (r + 1) * n // k]
+    def _synced_engine(self):
+        """The rollout engine, with the policy's current weights."""
+        if self._engine_stale:
+            self.engine.update_weights(self.generator_model)
+            self._engine_stale = False
+        return self.engine
 
-    def _sample(self, problems: list[Problem], n: int) -> SequenceBatch:
+    def _sample(self, problems: list[Problem], n: int, seed: int) -> SequenceBatch:
         g = self.cfg.generation
         prompt_ids = encode_prompts(self.tokenizer, [p.prompt for p in problems], self.cfg.model.chat_template)
-        return sample(
-            self.generator_model, self.tokenizer, prompt_ids, n=n, max_new_tokens=g.max_new_tokens,
-            temperature=g.temperature, top_p=g.top_p, batch_size=g.batch_size,
-        )
+        return self._synced_engine().generate(prompt_ids, n=n, max_new_tokens=g.max_new_tokens,
+                                              temperature=g.temperature, top_p=g.top_p, seed=seed)
 
-    def _sum(self, values: dict[str, float]) -> dict[str, float]:
-        """Sum scalars over ranks (one all-reduce)."""
-        if self.acc.num_processes == 1:
-            return values
-        keys = sorted(values)
-        t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=self.acc.device)
-        t = self.acc.reduce(t, reduction="sum")
-        return dict(zip(keys, t.tolist(), strict=True))
-
-    @torch.no_grad()
     def _forward_no_grad(self, model, batch: SequenceBatch, group: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Log-probs and entropy of a prompt-major batch with `group` responses per prompt."""
-        parts = [token_logprobs(model, batch.select(s), self.cfg.generation.temperature, group)
-                 for s in self._micro(len(batch), group)]
-        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        return logprobs_no_grad(model, batch, self.cfg.generation.temperature, group, self.cfg.trainer.micro_batch_size)
 
     def _micro(self, n: int, group: int = 1) -> list[slice]:
-        """Micro-batches of at most trainer.micro_batch_size rows, cut at whole groups of `group`
-        rows when one fits (so that each group's prompt is computed once)."""
-        size = self.cfg.trainer.micro_batch_size
-        size = size - size % group if group <= size else size
-        return [slice(i, min(n, i + size)) for i in range(0, n, size)]
+        return micro_slices(n, self.cfg.trainer.micro_batch_size, group)
 
     def _denominator(self, mask: torch.Tensor) -> float:
         """The loss aggregation's denominator over all ranks, divided by the world size because DDP
         averages gradients: then the sum of micro-batch losses equals the full-batch loss."""
-        d = self._sum({"d": float(algos.agg_denominator(mask, self.cfg.algorithm.loss_agg))})["d"]
+        d = self.ranks.sum({"d": float(algos.agg_denominator(mask, self.cfg.algorithm.loss_agg))})["d"]
         return max(d, 1e-8) / self.acc.num_processes
 
     def _agg(self, loss_mat: torch.Tensor, mask: torch.Tensor, denom: float) -> torch.Tensor:
@@ -206,10 +222,10 @@ class Trainer:
 
     # ------------------------------------------------------------------ training
     def train_step(self, step: int) -> dict[str, float]:
-        cfg, a = self.cfg, self.cfg.algorithm
+        cfg, a, rank = self.cfg, self.cfg.algorithm, self.ranks.index
         t0 = time.perf_counter()
-        problems = self._shard(self.prompts.next(cfg.trainer.prompts_per_step))
-        batch = self._sample(problems, a.group_size)
+        problems = self.ranks.shard(self.prompts.next(cfg.trainer.prompts_per_step))
+        batch = self._sample(problems, a.group_size, stage_seed(cfg.seed, "rollout", step, rank))
         scores = [self.task.score(p, text) for p, text in zip(_repeat(problems, a.group_size), batch.texts, strict=True)]
         rewards = torch.tensor([s.reward for s in scores], dtype=torch.float32, device=self.acc.device)
         advantages, adv_stats = algos.group_advantages(rewards, a.group_size, norm_by_std=a.norm_adv_by_std)
@@ -217,7 +233,8 @@ class Trainer:
         old_logp = self._forward_no_grad(self.policy, batch, a.group_size)[0] if a.epochs * a.minibatches > 1 else None
         rehearsal = None
         if self.reference_data is not None:
-            rb, rlp = self.reference_data.draw(self._shard_size(self.cfg.divergence.rehearsal_batch_size), self.rehearsal_rng)
+            size = self.ranks.share(self.cfg.divergence.rehearsal_batch_size)
+            rb, rlp = self.reference_data.draw(size, generator(cfg.seed, "rehearsal", step, rank))
             rehearsal = (rb, rlp.to(self.acc.device))
         t1 = time.perf_counter()
 
@@ -225,18 +242,20 @@ class Trainer:
             ("loss", "pg_loss", "div_loss", "divergence", "entropy_sum", "tokens", "clipped",
              "ratio_sum", "approx_kl_sum", "rehearsal_logprob_sum", "rehearsal_tokens", "div_updates"), 0.0
         )
+        shuffle = generator(cfg.seed, "minibatch", step)
+        self.engine.release_memory()
         for _ in range(a.epochs):
             order = torch.arange(len(batch))
             if a.minibatches > 1:  # shuffle whole groups, so that a minibatch holds complete groups
-                groups = torch.randperm(len(batch) // a.group_size)
+                groups = torch.randperm(len(batch) // a.group_size, generator=shuffle)
                 order = (groups[:, None] * a.group_size + torch.arange(a.group_size)).flatten()
             rehearsal_order = torch.arange(len(rehearsal[0])) if rehearsal is not None else None
             # tensor_split always gives `minibatches` parts (chunk gives fewer when rows are few)
             for j, rows in enumerate(torch.tensor_split(order, a.minibatches)):
                 rehearsal_rows = torch.tensor_split(rehearsal_order, a.minibatches)[j] if rehearsal is not None else None
                 self._update(batch, rows, advantages, old_logp, ref_logp, rehearsal, rehearsal_rows, sums)
+        self._engine_stale = True
         t2 = time.perf_counter()
-
         mask = batch.response_mask.float()
         sums.update({f"status_{name}": 0.0 for name in STATUSES})
         for score in scores:
@@ -246,7 +265,7 @@ class Trainer:
             zero_std_groups=float(adv_stats["zero_std_frac"]) * len(problems), groups=len(problems),
             rollout_s=t1 - t0, update_s=t2 - t1,
         )
-        s = self._sum(dict(sums))
+        s = self.ranks.sum(dict(sums))
         n_updates = a.epochs * a.minibatches
         world = self.acc.num_processes
         metrics = {
@@ -271,11 +290,6 @@ class Trainer:
             metrics["train/div_value"] = metrics["train/divergence"]
             metrics["train/rehearsal_logprob"] = s["rehearsal_logprob_sum"] / max(1.0, s["rehearsal_tokens"])
         return metrics
-
-    def _shard_size(self, n: int) -> int:
-        """This rank's share of a per-step count split over ranks."""
-        r, k = self.acc.process_index, self.acc.num_processes
-        return (r + 1) * n // k - r * n // k
 
     def _update(self, batch, rows, advantages, old_logp, ref_logp, rehearsal, rehearsal_rows, sums) -> None:
         """One optimizer step: the policy-gradient loss on rollout rows `rows` plus the weighted
@@ -346,84 +360,74 @@ class Trainer:
         return self.cfg.divergence.weight * div
 
     # ------------------------------------------------------------------ evaluation
-    @torch.no_grad()
-    def evaluate(self) -> dict[str, float]:
-        cfg = self.cfg
-        n, ks = cfg.eval.n, ks_up_to(cfg.eval.n)
-        metrics: dict[str, float] = {}
-        for es in self.eval_sets:
-            problems = es.task.problems(es.split)
-            if cfg.eval.max_prompts is not None:
-                problems = problems[: cfg.eval.max_prompts]
-            mine = self._shard(problems)
-            local: list[tuple[int, int]] = []  # per prompt: (correct count, distinct correct answers)
-            sums = {"entropy_sum": 0.0, "tokens": 0.0, "reward_sum": 0.0, "responses": 0.0}
-            if mine:
-                batch = self._sample(mine, n)
-                _, entropy = self._forward_no_grad(self.policy, batch, n)
-                sums["entropy_sum"] = float(entropy.sum())
-                sums["tokens"] = float(batch.response_mask.sum())
-                for i, problem in enumerate(mine):
-                    scores = [es.task.score(problem, t) for t in batch.texts[i * n : (i + 1) * n]]
-                    correct = {s.answer for s in scores if s.reward > 0}
-                    c = sum(s.reward > 0 for s in scores)
-                    local.append((c, len(correct)))
-                    sums["reward_sum"] += sum(s.reward for s in scores)
-                    sums["responses"] += n
-            counts = self._gather(local)
-            s = self._sum(sums)
-            prefix = f"eval/{es.label}"
-            for k, v in pass_at_k_mean([c for c, _ in counts], n, ks).items():
-                metrics[f"{prefix}/pass@{k}"] = v
-            metrics[f"{prefix}/reward_mean"] = s["reward_sum"] / max(1.0, s["responses"])
-            metrics[f"{prefix}/entropy"] = s["entropy_sum"] / max(1.0, s["tokens"])
-            metrics[f"{prefix}/distinct_correct"] = sum(d for _, d in counts) / max(1, len(counts))
-            if self.acc.is_main_process:
-                self.logger.log_passk(es.label, ks, [metrics[f"{prefix}/pass@{k}"] for k in ks], self.step)
+    def evaluate(self, step: int) -> dict[str, float]:
+        """Evaluate the current policy (dph.evaluation) and log it; step 0's per-prompt results are
+        kept (in the checkpoints too) as the baseline of the forgetting metrics."""
+        t = time.perf_counter()
+        initial = {label: [PromptResult(i, c, tuple(a)) for i, c, a in rows]
+                   for label, rows in self.state.initial_results.items()} or None
+        result = self.evaluator.run(self._synced_engine(), self.policy, step, initial)
+        if initial is None:
+            self.state.initial_results = {label: [[r.id, r.correct, list(r.answers)] for r in rows]
+                                          for label, rows in result.results.items()}
+            self.state.initial_metrics = dict(result.metrics)
+        metrics = {**result.metrics, "time/eval_s": time.perf_counter() - t}
+        self._log(metrics, step)
+        if self.acc.is_main_process:
+            for es in self.eval_sets:
+                ks = self.evaluator.ks
+                self.logger.log_passk(es.label, ks, [metrics[f"eval/{es.label}/pass@{k}"] for k in ks], step)
+                self.logger.log_prompt_results(es.label, result.results[es.label], self.cfg.eval.n, step)
+            self.logger.log_samples(result.samples, step)
+        if self.reporter is not None:
+            self.reporter.report(step, self.state.history)
         return metrics
-
-    def _gather(self, items: list) -> list:
-        if self.acc.num_processes == 1:
-            return items
-        from accelerate.utils import gather_object
-
-        return gather_object(items)
 
     # ------------------------------------------------------------------ loop
     def _log(self, metrics: dict[str, float], step: int) -> None:
-        self.history.update(metrics)
+        self.state.history.update(metrics)
         if self.acc.is_main_process:
             self.logger.log(metrics, step)
 
-    def _eval_and_report(self, step: int) -> None:
-        t = time.perf_counter()
-        metrics = self.evaluate()
-        metrics["time/eval_s"] = time.perf_counter() - t
-        self._log(metrics, step)
-        if self.reporter is not None:
-            self.reporter.report(step, self.history)
-
     def fit(self) -> dict[str, float]:
         """Evaluate the initial policy, train `trainer.steps` steps with periodic evaluation, evaluate
-        at the end; returns the last value of every metric."""
+        at the end, checkpointing every `trainer.checkpoint_every` steps and at the end; a resumed
+        run continues after its checkpoint's step. Returns the last value of every metric."""
         from tqdm.auto import tqdm
 
-        cfg = self.cfg
-        self.step = 0
-        split = {k: v for k, v in self.split_summary().items() if not isinstance(v, dict)}
-        if split:
-            self._log(split, 0)
-        self._eval_and_report(0)
+        cfg, t = self.cfg, self.cfg.trainer
+        if self.state.step == 0:
+            split = {k: v for k, v in self.split_summary().items() if not isinstance(v, dict)}
+            if split:
+                self._log(split, 0)
+            self.evaluate(0)
         every = cfg.eval.every
-        bar = tqdm(range(1, cfg.trainer.steps + 1), desc="training", unit="step", disable=not self.acc.is_main_process)
+        steps = range(self.state.step + 1, t.steps + 1)
+        bar = tqdm(steps, desc="training", unit="step", disable=not self.acc.is_main_process)
         for step in bar:
-            self.step = step
             metrics = self.train_step(step)
             self._log(metrics, step)
             bar.set_postfix(reward=f"{metrics['train/reward_mean']:.3f}", entropy=f"{metrics['train/entropy']:.3f}")
-            if (every and step % every == 0) or step == cfg.trainer.steps:
-                self._eval_and_report(step)
-        return dict(self.history)
+            if (every and step % every == 0) or step == t.steps:
+                self.evaluate(step)
+            self.state.step = step
+            if t.checkpoint_every and (step % t.checkpoint_every == 0 or step == t.steps):
+                self.save_checkpoint(step)
+        return dict(self.state.history)
+
+    def save_checkpoint(self, step: int) -> None:
+        t = time.perf_counter()
+        path = self.checkpoints.save(step)
+        if self.acc.is_main_process:
+            self.logger.flush()  # rows up to this checkpoint are final: a resume never repeats them
+            log.info("Checkpoint %s (%.2f s)", path, time.perf_counter() - t)
+
+    def save_policy(self) -> Path:
+        """The trained policy as `<run_dir>/model/` (save_pretrained: weights and tokenizer)."""
+        return checkpoint.save_policy(self.acc, self.policy, self.tokenizer, self.run_dir / checkpoint.MODEL_DIR)
+
+    def close(self) -> None:
+        self.engine.close()
 
 
 def _repeat(items: list, n: int) -> list:
@@ -438,9 +442,17 @@ def _unique_tasks(tasks: list[Task]) -> list[Task]:
     return list(seen.values())
 
 
+def _max_model_len(model) -> int:
+    """The context length of a causal LM config (what a rollout engine must allocate for)."""
+    config = model.config
+    return int(getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions"))
+
+
 def _div_params(div_cfg: DictConfig) -> dict[str, Any]:
     """Constructor parameters of a divergence: its config minus the keys the trainer itself uses."""
+    from dph.config import DIVERGENCE_RUN_KEYS
+
     params = OmegaConf.to_container(div_cfg, resolve=True)
-    for key in ("name", "weight", "source", "estimator", "rehearsal_batch_size"):
+    for key in (*DIVERGENCE_RUN_KEYS, "estimator"):
         params.pop(key, None)
     return params

@@ -75,10 +75,10 @@ def test_dph_trains_on_d_exp_with_no_reference_model(name, cache_dir, tmp_path):
     sampled, alive = [], []
     sample = trainer._sample
 
-    def watched_sample(problems, n):
+    def watched_sample(problems, n, seed):
         sampled.extend(p.id for p in problems)
         alive.append([m for m in live_models() if id(m) not in before])
-        return sample(problems, n)
+        return sample(problems, n, seed)
 
     trainer._sample = watched_sample
     for step in (1, 2):

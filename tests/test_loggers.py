@@ -70,7 +70,7 @@ def test_wandb_offline_run_round_trip(offline_wandb):
     run_file = find_offline_run(run_dir / "wandb")
     assert run_file.parent.name.startswith("offline-run-")
     history = read_history(run_file)
-    chart_rows = [row for row in history if "charts/math/test/pass@k_vs_k_table" in row]
+    chart_rows = [row for row in history if "charts/math/test/pass@k_vs_k/step_000000_table" in row]
     scalar_rows = [user_keys(row) for row in history if row not in chart_rows]
     expected = [{**evaluation, "train/step": 0}] + [{**m, "train/step": s} for s, m in enumerate(steps, start=1)]
     assert len(scalar_rows) == len(expected)
@@ -79,7 +79,7 @@ def test_wandb_offline_run_round_trip(offline_wandb):
 
     (chart,) = chart_rows
     assert chart["train/step"] == 0
-    table = chart["charts/math/test/pass@k_vs_k_table"]
+    table = chart["charts/math/test/pass@k_vs_k/step_000000_table"]
     assert table["_type"] == "table-file" and table["nrows"] == 3
     table_json = json.loads((run_file.parent / "files" / table["path"]).read_text())
     assert table_json["columns"] == ["k", "pass@k"]
@@ -87,7 +87,7 @@ def test_wandb_offline_run_round_trip(offline_wandb):
 
     config = read_config(run_file)
     assert {key: value for key, value in config.items() if key != "_wandb"} == RUN_CONFIG
-    assert "charts/math/test/pass@k_vs_k" in config["_wandb"]["visualize"]
+    assert "charts/math/test/pass@k_vs_k/step_000000" in config["_wandb"]["visualize"]
 
     summary = read_summary(run_file)
     assert summary["d_exp_size"] == 120 and summary["d_pef_size"] == 80

@@ -9,6 +9,7 @@ import torch
 from dph.metrics import (
     METRICS,
     describe_metric,
+    forgetting,
     distinct_correct,
     entropy_from_logits,
     eval_metric_names,
@@ -123,7 +124,8 @@ def test_metric_names():
     assert eval_metric_names("test", 10) == [
         "eval/test/pass@1", "eval/test/pass@2", "eval/test/pass@4", "eval/test/pass@8",
         "eval/test/pass@10", "eval/test/entropy", "eval/test/reward_mean",
-        "eval/test/distinct_correct",
+        "eval/test/distinct_correct", "eval/test/forgotten", "eval/test/newly_solved",
+        "eval/test/solution_coverage",
     ]
     for name in eval_metric_names("sql/ood", 64):  # "<task>/<split>" splits
         describe_metric(name)
@@ -132,3 +134,15 @@ def test_metric_names():
     for bad in bad_names + ["eval//entropy"]:
         with pytest.raises(KeyError, match="train/entropy"):
             describe_metric(bad)
+
+
+def test_forgetting_by_hand():
+    initial = {"a": (3, ["1+2", "2+1"]), "b": (1, ["x"]), "c": (0, []), "d": (0, []), "e": (2, ["p", "q", "r"])}
+    current = {"a": (5, ["1+2"]), "b": (0, []), "c": (1, ["y"]), "d": (0, []), "e": (1, ["q", "s"]), "f": (4, ["z"])}
+    out = forgetting(initial, current)
+    assert out["forgotten"] == pytest.approx(1 / 3)  # of a, b, e (solved at step 0), b is lost
+    assert out["newly_solved"] == pytest.approx(1 / 2)  # of c, d, c is solved now; f was never evaluated at step 0
+    assert out["solution_coverage"] == pytest.approx((1 / 2 + 0 / 1 + 1 / 3) / 3)
+    same = forgetting(initial, initial)
+    assert same == {"forgotten": 0.0, "newly_solved": 0.0, "solution_coverage": 1.0}
+    assert forgetting({}, current) == {"forgotten": 0.0, "newly_solved": 0.0, "solution_coverage": 1.0}

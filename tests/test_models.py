@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
 import string
 
 import pytest
@@ -13,9 +15,10 @@ from omegaconf import OmegaConf
 
 from conftest import ROOT, TINY_OVERRIDES, read_jsonl, run_cli, with_overrides
 from dph.models import (
-    SPECIAL_TOKENS, char_tokenizer, encode_prompts, fingerprint_hash, load_policy, resolve_model_dir, tiny_spec,
+    SPECIAL_TOKENS, char_tokenizer, encode_prompts, fingerprint_hash, load_policy, model_fingerprint,
+    resolve_model_dir, tiny_spec,
 )
-from dph.rollout import sample
+from dph.engines.hf import sample
 from dph.tasks import build_task
 
 # A tiny base model that builds in about a second (the cache logic does not depend on its size).
@@ -95,7 +98,7 @@ def test_tiny_build_is_cached_by_hash(tmp_path, countdown, caplog):
 
 
 def test_a_stale_temporary_build_does_not_break_the_cache(tmp_path, countdown):
-    """A build killed half-way leaves `<name>.tmp-XXXX/` (and its lock file): the next build ignores it."""
+    """A build killed half-way leaves `<name>.tmp-XXXX/` (and its lock file): the next build removes it."""
     spec_name = f"tiny-{fingerprint_hash(tiny_spec(MICRO, [countdown], 0))}"
     models = tmp_path / "models"
     stale = models / f"{spec_name}.tmp-killed"
@@ -106,6 +109,34 @@ def test_a_stale_temporary_build_does_not_break_the_cache(tmp_path, countdown):
     assert built == models / spec_name and (built / "dph_build.json").is_file()
     model, _ = load_policy(built, MICRO)
     assert model.num_parameters() == json.loads((built / "dph_build.json").read_text())["stats"]["parameters"]
+    assert not stale.exists()
+
+
+def test_a_damaged_cached_model_is_rebuilt_with_a_warning(tmp_path, countdown, caplog):
+    """A truncated model.safetensors fails its checksum: warned about and rebuilt, never loaded."""
+    built = resolve_model_dir(MICRO, [countdown], tmp_path)
+    weights = built / "model.safetensors"
+    good = weights.read_bytes()
+    weights.write_bytes(good[: len(good) // 2])
+    with caplog.at_level(logging.WARNING, logger="dph.models"):
+        again = resolve_model_dir(MICRO, [countdown], tmp_path)
+    assert again == built and "model.safetensors does not match its checksum" in caplog.text
+    assert weights.read_bytes() == good  # the same seeded build again
+    load_policy(again, MICRO)
+
+
+def test_model_fingerprint_is_by_content(tmp_path, countdown, hf_model_dir):
+    """The pre-sampling cache is keyed by what a model is, not by where it lies or when it was written."""
+    built = resolve_model_dir(MICRO, [countdown], tmp_path / "a")
+    moved = tmp_path / "elsewhere" / built.name
+    shutil.copytree(built, moved)
+    os.utime(moved / "model.safetensors", (0, 0))
+    assert model_fingerprint(moved) == model_fingerprint(built)
+    copy = tmp_path / "hf-copy"
+    shutil.copytree(hf_model_dir, copy)
+    assert model_fingerprint(copy) == model_fingerprint(hf_model_dir)
+    (copy / "config.json").write_text((copy / "config.json").read_text().replace("32", "33", 1))
+    assert model_fingerprint(copy) != model_fingerprint(hf_model_dir)
 
 
 def test_hf_model_loads_through_the_same_code_path(hf_model_dir):

@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 
 import dph.presample as presample
 from conftest import compose_config
+from dph.engines.hf import HFEngine
 from dph.models import char_tokenizer, fingerprint_hash
 from dph.presample import MANIFEST_FILE, TENSOR_FILE, load_or_build, presample_spec, split_metrics
 from dph.rollout import collate, token_logprobs
@@ -109,21 +110,22 @@ def cache_key(cfg, task: Task | None = None, model_fp: dict = MODEL_FP) -> str:
 
 
 def build(policy, tokenizer, cache_dir: Path, cfg=None, task: Task | None = None):
-    task = task or ScriptedTask()
-    return load_or_build(policy, tokenizer, task, MODEL_FP, cfg or make_cfg(), cache_dir), task
+    task, cfg = task or ScriptedTask(), cfg or make_cfg()
+    engine = HFEngine(policy, tokenizer, batch_size=cfg.generation.batch_size)
+    return load_or_build(engine, policy, tokenizer, task, MODEL_FP, cfg, cache_dir), task
 
 
 @pytest.fixture
 def count_sampling(monkeypatch):
-    """Counts calls of the sampler the pre-sampling stage uses (the real sampler still runs)."""
+    """Counts calls of the rollout engine by the pre-sampling stage (the real engine still runs)."""
     calls = []
-    real = presample.sample
+    real = HFEngine.generate
 
-    def counted(*args, **kwargs):
+    def counted(self, *args, **kwargs):
         calls.append(kwargs.get("n"))
-        return real(*args, **kwargs)
+        return real(self, *args, **kwargs)
 
-    monkeypatch.setattr(presample, "sample", counted)
+    monkeypatch.setattr(HFEngine, "generate", counted)
     return calls
 
 
@@ -226,7 +228,7 @@ def test_cache_is_reused_without_sampling(policy, tokenizer, tmp_path, monkeypat
     def no_sampling(*args, **kwargs):
         raise AssertionError("the cache should have been used")
 
-    monkeypatch.setattr(presample, "sample", no_sampling)
+    monkeypatch.setattr(HFEngine, "generate", no_sampling)
     monkeypatch.setattr(presample, "token_logprobs", no_sampling)
     caplog.set_level(logging.INFO, logger="dph.presample")
     second, task = build(policy, tokenizer, tmp_path)
@@ -335,17 +337,26 @@ def test_invalid_cache_is_rebuilt_with_a_warning(policy, tokenizer, tmp_path, co
     assert not count_sampling  # the rebuilt cache is valid
 
 
-def test_stale_temporary_directory_is_ignored(policy, tokenizer, tmp_path, count_sampling):
+def test_stale_temporary_directories_are_removed(policy, tokenizer, tmp_path, count_sampling):
+    """A build killed half-way leaves `<key>.tmp-*`: the next build never reads it and removes it,
+    and those of other keys whose build is not running (their lock is free) too."""
     key = cache_key(make_cfg())
-    stale = tmp_path / "presample" / f"{key}.tmp-crashed"
+    root = tmp_path / "presample"
+    stale = root / f"{key}.tmp-crashed"
     stale.mkdir(parents=True)
     (stale / TENSOR_FILE).write_bytes(b"partial")
     (stale / MANIFEST_FILE).write_text(json.dumps({"key": key}))
+    other = root / "0123abcd.tmp-killed"
+    other.mkdir()
+    running = root / "4567cdef.tmp-building"  # its build holds its lock: left alone
+    running.mkdir()
+    from filelock import FileLock
 
-    data, _ = build(policy, tokenizer, tmp_path)
+    with FileLock(str(root / "4567cdef.lock")):
+        data, _ = build(policy, tokenizer, tmp_path)
     assert count_sampling and data.manifest["key"] == key
-    assert (tmp_path / "presample" / key / MANIFEST_FILE).is_file()
-    assert (stale / TENSOR_FILE).read_bytes() == b"partial"  # left alone, never read
+    assert (root / key / MANIFEST_FILE).is_file()
+    assert not stale.exists() and not other.exists() and running.is_dir()
     count_sampling.clear()
     build(policy, tokenizer, tmp_path)
     assert not count_sampling

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from dph.models import char_tokenizer, encode_prompts
-from dph.rollout import SequenceBatch, collate, sample, token_logprobs
+from dph.engines.hf import sample
+from dph.rollout import SequenceBatch, collate, token_logprobs
 
 PROMPTS = ["3 5 7 -> 22: ", "1 2 -> 3: ", "10 4 9 13 -> 250: ", "8 -> "]  # different lengths: left padding
 TEMPERATURE = 0.7

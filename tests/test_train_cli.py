@@ -135,7 +135,7 @@ def test_tiny_run_logs_everything_to_jsonl_plots_and_wandb(tiny_model, cache_dir
     # W&B offline: the same values per train/step, and the composed config.
     run_file = find_offline_run(run_dir / "wandb")
     history = [
-        {k: v for k, v in row.items() if not k.startswith(("_", "charts/"))} for row in read_history(run_file)
+        {k: v for k, v in row.items() if not k.startswith(("_", "charts/", "samples/"))} for row in read_history(run_file)
     ]
     assert _by_step(history) == _by_step(records)
     config = read_config(run_file)
