@@ -1,4 +1,8 @@
-"""GRPO pieces: group-relative advantages, the PPO clipped policy loss, loss aggregation.
+"""GRPO pieces: loss aggregation; group_advantages and ppo_clip_loss, re-exported.
+
+Advantage estimators live in dph.advantages (ADVANTAGES) and policy losses in dph.policy_losses
+(POLICY_LOSSES); group_advantages and ppo_clip_loss are imported here so that existing callers keep
+working.
 
 Shapes: B sequences, T response positions; `mask` [B, T] is 1 (or True) on valid response tokens.
 Math functions return `(tensor, metrics)`; metric values are detached 0-dim tensors (no device
@@ -12,77 +16,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-LOG_RATIO_CLAMP = 20.0  # |log pi/pi_old| is clamped to this before exp (as in verl)
-
-
-def group_advantages(
-    rewards: Tensor, group_size: int, *, norm_by_std: bool = True, eps: float = 1e-6
-) -> tuple[Tensor, dict[str, Tensor]]:
-    """GRPO advantages: A = (r - group mean) / (group std + eps), one value per sequence.
-
-    rewards: [B * G], the G responses of each prompt consecutive. The std is the unbiased sample
-    std (as in verl and TRL); norm_by_std=False gives the Dr. GRPO advantage r - group mean.
-    Groups whose rewards are all equal (including G = 1) get exactly 0: they carry no signal.
-    metrics: reward_mean; zero_std_frac, the fraction of groups without signal.
-    """
-    if rewards.dim() != 1:
-        raise ValueError(f"rewards must be 1-D [B * G], got shape {tuple(rewards.shape)}")
-    if group_size < 1 or rewards.numel() % group_size != 0:
-        raise ValueError(
-            f"{rewards.numel()} rewards do not split into groups of group_size={group_size}"
-        )
-    if not rewards.is_floating_point():
-        rewards = rewards.float()
-    grouped = rewards.view(-1, group_size)  # [B, G]
-    centred = grouped - grouped.mean(dim=1, keepdim=True)
-    no_signal = grouped.amax(dim=1) == grouped.amin(dim=1)  # [B]
-    if norm_by_std and group_size > 1:
-        centred = centred / (grouped.std(dim=1, unbiased=True, keepdim=True) + eps)
-    adv = torch.where(no_signal[:, None], torch.zeros_like(centred), centred).view(-1)
-    metrics = {
-        "reward_mean": grouped.mean().detach(),
-        "zero_std_frac": no_signal.float().mean().detach(),
-    }
-    return adv, metrics
-
-
-def ppo_clip_loss(
-    logp: Tensor,
-    old_logp: Tensor,
-    advantages: Tensor,
-    mask: Tensor,
-    *,
-    clip_low: float,
-    clip_high: float,
-) -> tuple[Tensor, dict[str, Tensor]]:
-    """Per-token PPO clipped loss -min(r A, clip(r, 1 - clip_low, 1 + clip_high) A), r = pi/pi_old.
-
-    logp, old_logp, mask: [B, T]; advantages: [B] (one per sequence) or [B, T].
-    Returns the [B, T] loss, 0 on invalid tokens (aggregate it with agg_loss). clip_high > clip_low
-    is DAPO's clip-higher. The gradient is zero where the clipped branch is taken.
-    metrics over valid tokens: clip_frac (fraction where the clipped branch is taken), ratio_mean,
-    approx_kl (k3 estimate of KL(pi_old || pi): r - 1 - log r).
-    """
-    if advantages.dim() == 1:
-        advantages = advantages[:, None]
-    advantages = advantages.to(logp.dtype)
-    valid = mask.bool()
-    log_ratio = (logp - old_logp).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
-    ratio = torch.exp(log_ratio)
-    unclipped = -ratio * advantages
-    clipped = -ratio.clamp(1.0 - clip_low, 1.0 + clip_high) * advantages
-    loss = torch.maximum(unclipped, clipped)
-    loss = torch.where(valid, loss, torch.zeros_like(loss))
-
-    with torch.no_grad():
-        n = valid.sum().clamp(min=1)
-        zero = torch.zeros_like(ratio)
-        metrics = {
-            "clip_frac": ((clipped > unclipped) & valid).sum() / n,
-            "ratio_mean": torch.where(valid, ratio, zero).sum() / n,
-            "approx_kl": torch.where(valid, torch.expm1(log_ratio) - log_ratio, zero).sum() / n,
-        }
-    return loss, metrics
+from dph.advantages import group_advantages  # noqa: F401  (re-exported)
+from dph.policy_losses import LOG_RATIO_CLAMP, ppo_clip_loss  # noqa: F401  (re-exported)
 
 
 # Loss aggregation: each mode gives (numerator, denominator) so that micro-batches can share the

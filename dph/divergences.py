@@ -46,6 +46,7 @@ from torch import Tensor
 LOG_U_CLAMP = 20.0  # |log u| is clamped to this before any generator is evaluated
 SOURCES = ("rollouts", "reference")  # where the tokens come from (see token_divergence)
 REVERSE_KL_ESTIMATORS = ("k1", "k2", "k3")  # value estimates of reverse KL on rollouts
+REVERSE_KL_LOSS_FORMS = ("k2", "k3", "k3+")  # reverse-KL penalties used directly as losses
 
 _ALPHA_LIMIT_TOL = 1e-6  # |alpha| or |alpha - 1| below this uses the exact KL limit
 
@@ -252,3 +253,48 @@ def token_divergence(
         score_weight = div.f_prime(log_u) - div.f_prime(log_u.new_zeros(()))
     surrogate = value + score_weight * (logp - logp.detach())
     return surrogate, value
+
+
+def reverse_kl_loss(logp: Tensor, ref_logp: Tensor, form: str) -> tuple[Tensor, Tensor]:
+    """The reverse-KL penalties used as per-token losses on ON-POLICY samples (y ~ pi_theta).
+
+    Returns (loss, value), both shaped like logp; value is the detached per-token estimate of
+    KL(pi || pi_ref), loss is what to differentiate (the caller masks, aggregates and weights).
+    log u = logp - ref_logp. The expected gradient, E_pi[pathwise gradient of the loss], is:
+      k2:  0.5 log^2 u              grad of REVERSE KL(pi || pi_ref); the value is biased
+      k3:  1/u - 1 + log u          grad of FORWARD KL(pi_ref || pi), though its value is an
+                                    unbiased reverse-KL estimate (GRPO's KL penalty)
+      k3+: value of k3, grad of k2  grad of REVERSE KL (verl's straight-through "+" form:
+                                    k2 + sg(k3 - k2))
+    For the exact reverse-KL gradient with any value estimate use token_divergence(reverse_kl,
+    source="rollouts"); for KL in the reward use k1_reward_penalty.
+    """
+    if form not in REVERSE_KL_LOSS_FORMS:
+        known = list(REVERSE_KL_LOSS_FORMS)
+        raise KeyError(f"unknown reverse-KL loss form {form!r}; known: {known}")
+    if logp.dtype in (torch.float16, torch.bfloat16):
+        logp = logp.float()
+    log_u = logp - ref_logp.to(logp.dtype)
+    k2 = reverse_kl_estimate(log_u, "k2")
+    k3 = reverse_kl_estimate(log_u, "k3")
+    if form == "k2":
+        return k2, k2.detach()
+    if form == "k3":
+        return k3, k3.detach()
+    return k2 + (k3 - k2).detach(), k3.detach()
+
+
+def k1_reward_penalty(logp: Tensor, ref_logp: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Per-sequence k1 = sum_t log(pi / pi_ref), to subtract (x weight) from the reward: [B, T] -> [B].
+
+    "KL in the reward" (REINFORCE / PPO-RLHF style): r' = r - weight x k1 before the advantages.
+    Through the policy-gradient (score-function) term, E_pi[-k1 grad log pi] =
+    -grad KL(pi || pi_ref): the REVERSE-KL gradient. Detached (a reward carries no gradient).
+    mask: [B, T], 1 on valid tokens (default: all valid); log-ratios are clamped to +-LOG_U_CLAMP.
+    """
+    with torch.no_grad():
+        dtype = torch.promote_types(logp.dtype, torch.float32)
+        log_u = _clamp(logp.to(dtype) - ref_logp.to(dtype))
+        if mask is not None:
+            log_u = torch.where(mask.bool(), log_u, torch.zeros_like(log_u))
+        return log_u.sum(dim=-1)

@@ -8,10 +8,13 @@ import torch
 from dph.divergences import (
     DIVERGENCES,
     REVERSE_KL_ESTIMATORS,
+    REVERSE_KL_LOSS_FORMS,
     Divergence,
     get_divergence,
+    k1_reward_penalty,
     register_divergence,
     reverse_kl_estimate,
+    reverse_kl_loss,
     token_divergence,
 )
 
@@ -227,3 +230,47 @@ def test_estimator_and_source_validation():
         )
     with pytest.raises(KeyError, match="k3"):
         token_divergence(get_divergence("reverse_kl"), logp, ref, source="rollouts", estimator="k4")
+
+
+@pytest.mark.parametrize("form", REVERSE_KL_LOSS_FORMS)
+def test_reverse_kl_losses_on_rollouts_have_the_gradient_they_claim(form):
+    theta, ref_logp = policies(6)
+    forward_D, forward_grad = exact_and_grad(get_divergence("forward_kl"), theta, ref_logp)
+    reverse_D, reverse_grad = exact_and_grad(get_divergence("reverse_kl"), theta, ref_logp)
+    logp = torch.log_softmax(theta, -1)
+    pi = logp.exp().detach()  # the sampling weight: y ~ pi, not differentiated
+    loss, value = reverse_kl_loss(logp, ref_logp, form)
+    expected_grad = forward_grad if form == "k3" else reverse_grad  # k2 and k3+: reverse KL
+    other_grad = reverse_grad if form == "k3" else forward_grad
+    pathwise = grad_of((pi * loss).sum(), theta)
+    torch.testing.assert_close(pathwise, expected_grad)
+    assert not torch.allclose(pathwise, other_grad)
+    assert not value.requires_grad
+    if form == "k2":  # biased value
+        assert (pi * value).sum().item() != pytest.approx(reverse_D.item())
+    else:  # k3 and k3+ report the unbiased k3 value, and k3+'s loss has that value
+        torch.testing.assert_close((pi * value).sum(), reverse_D)
+        torch.testing.assert_close(loss.detach(), value)
+
+
+def test_k1_reward_penalty_gives_the_reverse_kl_gradient_through_the_score_function():
+    theta, ref_logp = policies(7)
+    _, reverse_grad = exact_and_grad(get_divergence("reverse_kl"), theta, ref_logp)
+    logp = torch.log_softmax(theta, -1)
+    pi = logp.exp().detach()
+    # each y is a one-token sequence: penalty [K]
+    penalty = k1_reward_penalty(logp[:, None], ref_logp[:, None])
+    assert penalty.shape == (K,) and not penalty.requires_grad
+    # policy gradient of the reward term -penalty: E_pi[-k1 grad log pi] = -grad KL(pi || pi_ref)
+    score_function = grad_of((pi * -penalty * logp).sum(), theta)
+    torch.testing.assert_close(score_function, -reverse_grad)
+
+
+def test_k1_reward_penalty_sums_valid_tokens_and_loss_forms_are_checked():
+    logp = torch.tensor([[-1.0, -2.0, -3.0], [-0.5, -0.5, float("-inf")]], dtype=DTYPE)
+    ref = torch.tensor([[-1.5, -1.0, -3.0], [-1.0, -1.0, -1.0]], dtype=DTYPE)
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    penalty = k1_reward_penalty(logp, ref, mask)
+    torch.testing.assert_close(penalty, torch.tensor([0.5 - 1.0 + 0.0, 1.0], dtype=DTYPE))
+    with pytest.raises(KeyError, match="k3\\+"):
+        reverse_kl_loss(logp, ref, "k1")
