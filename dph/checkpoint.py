@@ -208,7 +208,9 @@ class Checkpointer:
             if target.exists():  # the same step again (a resumed run re-saving): replace it
                 shutil.rmtree(target)
             tmp.rename(target)
-            for _, old in checkpoint_steps(self.root)[self.keep:]:
+            complete = [d for _, d in checkpoint_steps(self.root) if (d / MANIFEST).is_file()]
+            unfinished = [d for _, d in checkpoint_steps(self.root) if not (d / MANIFEST).is_file()]
+            for old in complete[self.keep:] + unfinished:
                 shutil.rmtree(old, ignore_errors=True)
         self.acc.wait_for_everyone()
         return target
@@ -244,4 +246,28 @@ def save_policy(accelerator, model, tokenizer, target: Path) -> Path:
             tokenizer.save_pretrained(tmp)
     accelerator.wait_for_everyone()
     return target
+
+
+
+def load_policy_weights(model, directory: Path) -> None:
+    """Load the policy weights of a checkpoint into ``model`` (built from the run's initial policy)."""
+    from safetensors.torch import load_file
+
+    state = {k.removeprefix("module."): v for k, v in load_file(str(directory / "model.safetensors")).items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = _tied_names(model)
+    if unexpected or set(missing) - tied:
+        raise ValueError(f"checkpoint {directory} does not fit this model: missing {sorted(set(missing) - tied)[:5]}, "
+                         f"unexpected {sorted(unexpected)[:5]}")
+
+
+def _tied_names(model) -> set[str]:
+    """Names of parameters that share their tensor with another name (e.g. a tied LM head)."""
+    seen: dict[int, str] = {}
+    tied = set()
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in seen:
+            tied |= {name, seen[id(param)]}
+        seen.setdefault(id(param), name)
+    return tied
 

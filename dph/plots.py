@@ -131,24 +131,31 @@ def _plot_passk_over_steps(records: list[dict], splits: dict[str, list[int]], pa
     return save_figure(figure, path)
 
 
-def _plot_passk_vs_k(records: list[dict], splits: dict[str, list[int]], path: Path) -> Path:
-    figure, axes = _new_figure(len(splits))
-    for ax, (split, ks) in zip(axes, splits.items()):
-        evals = [r for r in records if any(f"eval/{split}/pass@{k}" in r for k in ks) and STEP_KEY in r]
-        chosen = [(evals[0], "initial policy", "C0")]
-        if len(evals) > 1:
-            chosen.append((evals[-1], "trained", "C3"))
-        for record, label, color in chosen:
-            keys = [(k, f"eval/{split}/pass@{k}") for k in ks]
-            points = [(k, float(_number(record[key]))) for k, key in keys if key in record]
-            ax.plot([k for k, _ in points], [v for _, v in points], marker="o", color=color,
-                    label=f"step {record[STEP_KEY]} ({label})")
+def plot_passk_curves(curves: dict[str, dict[str, list[tuple[int, float]]]], path: Path, title: str) -> Path:
+    """Pass@k versus k (log2 axis), one panel per split and one line per label:
+    curves = {split: {label: [(k, pass@k), ...]}}."""
+    figure, axes = _new_figure(len(curves))
+    for ax, (split, by_label) in zip(axes, curves.items()):
+        ks = sorted({k for points in by_label.values() for k, _ in points})
+        for index, (label, points) in enumerate(by_label.items()):
+            ax.plot([k for k, _ in points], [v for _, v in points], marker="o", color=f"C{index}", label=label)
         ax.set_xscale("log", base=2)
         ax.set_xticks(ks, [str(k) for k in ks])
         ax.set(title=f"{split}: Pass@k vs k", xlabel="k (samples per prompt)", ylabel="Pass@k", ylim=(-0.02, 1.02))
         ax.legend(loc="lower right", fontsize="small")
-    figure.suptitle("Pass@k versus k: initial policy vs trained policy")
+    figure.suptitle(title)
     return save_figure(figure, path)
+
+
+def _plot_passk_vs_k(records: list[dict], splits: dict[str, list[int]], path: Path) -> Path:
+    curves: dict[str, dict[str, list[tuple[int, float]]]] = {}
+    for split, ks in splits.items():
+        evals = [r for r in records if any(f"eval/{split}/pass@{k}" in r for k in ks) and STEP_KEY in r]
+        chosen = [(evals[0], "initial policy")] + ([(evals[-1], "trained")] if len(evals) > 1 else [])
+        curves[split] = {f"step {record[STEP_KEY]} ({label})": [(k, float(_number(record[f"eval/{split}/pass@{k}"])))
+                                                               for k in ks if f"eval/{split}/pass@{k}" in record]
+                         for record, label in chosen}
+    return plot_passk_curves(curves, path, "Pass@k versus k: initial policy vs trained policy")
 
 
 def _plot_train_curves(records: list[dict], path: Path) -> Path | None:

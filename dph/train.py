@@ -126,17 +126,20 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
 
 def _logger_cfg(cfg: DictConfig, run_dir: Path) -> DictConfig:
     """The logger config with a run name and group filled in: the run is named after what it is
-    (method, divergence and weight, seed) and when or which trial it is, e.g. `dph_js js0.05 seed0 17-52-56`."""
+    (method, divergence and weight, seed) and when it started, e.g. `dph_js js0.05 seed0 17-52-56`;
+    a sweep trial after its number first, e.g. `trial-3 js0.2 seed0`."""
     logger_cfg = OmegaConf.to_container(cfg.logger, resolve=True)
     trial = cfg.get("trial")
     if trial is not None:
         logger_cfg["group"] = logger_cfg.get("group") or trial.study_name
     if not logger_cfg.get("name"):
         choices = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
+        method = choices.get("experiment")
         div = cfg.divergence
-        parts = [choices.get("experiment") or "run", div.name if div.name == "none" else f"{div.name}{div.weight:g}",
-                 f"seed{cfg.seed}", f"trial-{trial.number}" if trial is not None else run_dir.name]
-        logger_cfg["name"] = " ".join(str(p) for p in parts if p and p != "null")
+        what = [method if method not in (None, "null") else "", div.name if div.name == "none" else f"{div.name}{div.weight:g}",
+                f"seed{cfg.seed}"]
+        parts = [f"trial-{trial.number}", *what] if trial is not None else [*what, run_dir.name]
+        logger_cfg["name"] = " ".join(p for p in parts if p)
     return OmegaConf.create(logger_cfg)
 
 
@@ -187,7 +190,7 @@ def main(cfg: DictConfig) -> float | list[float] | None:
     except ConfigError as e:
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             raise  # the sweeper records the job as failed
-        _remove_if_empty(run_dir)
+        remove_if_empty(run_dir)
         sys.stderr.write(f"dph-train: error: {e}\n")
         sys.exit(2)
     if int(os.environ.get("RANK", "0")) == 0:
@@ -198,17 +201,17 @@ def main(cfg: DictConfig) -> float | list[float] | None:
     return objective(cfg, summary)
 
 
-def _remove_if_empty(run_dir: Path) -> None:
-    """Remove a run directory that holds only what Hydra wrote before the run was refused (its
-    .hydra/ and an empty log), and its date folder when that is left empty."""
+def remove_if_empty(run_dir: Path) -> None:
+    """Remove a run directory that holds only what Hydra wrote before the run was refused (its .hydra/
+    and the job's log), and the date folder of the default layout (runs/<date>/<time>) when that is
+    left empty."""
     hydra_files = {".hydra", f"{HydraConfig.get().job.name}.log"}
-    entries = {p.name for p in run_dir.iterdir()} if run_dir.is_dir() else set()
-    log_file = run_dir / f"{HydraConfig.get().job.name}.log"
-    if entries <= hydra_files and (not log_file.exists() or log_file.stat().st_size == 0):
+    if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= hydra_files:
         logging.shutdown()
         shutil.rmtree(run_dir, ignore_errors=True)
-        with contextlib.suppress(OSError):
-            run_dir.parent.rmdir()  # only if empty
+        if re.fullmatch(r"\d{4}-\d{2}-\d{2}", run_dir.parent.name):
+            with contextlib.suppress(OSError):
+                run_dir.parent.rmdir()  # only if empty
 
 
 class MultirunDirCallback(Callback):

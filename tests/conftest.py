@@ -95,6 +95,9 @@ BAD_VALUES = [
     (["logger.mode=onlin"], "logger.mode"),
     (["task=math", "task.source=gsm8k", "task.path=/nonexistent/gsm8k"], "task.path"),
     (["task=sql", "task.source=bird", "task.path=/nonexistent/bird"], "task.path"),
+    (["+divergence.wieght=0.1"], "divergence.wieght"),  # a typo, added as Hydra's own hint suggests
+    (["trainer.checkpoint_every=-1"], "trainer.checkpoint_every"),
+    (["rollout.engine=sglang"], "rollout.engine"),
 ]
 
 

@@ -203,3 +203,20 @@ def test_an_eval_task_of_its_own_by_label(tmp_path):
     bad = compose_config(["+eval.tasks.x={name:nope}", "eval.splits=[test,x/test]"])
     with pytest.raises(ConfigError, match=r"eval.tasks.x.name='nope'"):
         setup(bad)
+
+
+def test_an_unknown_divergence_parameter_names_the_known_ones():
+    cfg = compose_config(["divergence=alpha", "+divergence.alpah=0.3"])
+    with pytest.raises(ConfigError, match=r"divergence.alpah is not a parameter of divergence=alpha: its keys are "
+                                          r"name, weight, source, rehearsal_batch_size, alpha"):
+        setup(cfg)
+
+
+def test_a_weight_without_a_divergence_is_said_to_be_ignored(caplog):
+    with caplog.at_level("WARNING", logger="dph.config"):
+        setup(compose_config(["divergence=none", "divergence.weight=0.1"]))
+    assert "divergence.weight=0.1 is ignored: divergence=none has no term to weight" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="dph.config"):
+        setup(compose_config(["divergence=none"]))
+    assert "ignored" not in caplog.text

@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 from conftest import BAD_VALUES, TINY_OVERRIDES, compose_config, read_jsonl, run_cli, with_overrides
 from dph.metrics import ks_up_to
 from dph.train import objective
-from wandb_records import find_offline_run, read_config, read_history
+from wandb_records import find_offline_run, read_config, read_history, read_run_info
 
 pytestmark = pytest.mark.slow
 
@@ -45,9 +45,9 @@ def test_impossible_value_fails_fast_with_one_line(overrides, key, tmp_path):
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("dph-train: error: ") and key in lines[0], lines[0]
     _no_traceback(result)
-    # Nothing was started: no model built or loaded, no logger, no metrics.
+    # Nothing was started: no model built or loaded, no logger, no metrics, and no empty run directory.
     assert not cache.exists()
-    assert not (run_dir / "metrics.jsonl").exists() and not (run_dir / "wandb").exists()
+    assert not run_dir.exists()
     assert "base model" not in result.stdout and "Training on" not in result.stdout
 
 
@@ -125,6 +125,13 @@ def test_tiny_run_logs_everything_to_jsonl_plots_and_wandb(tiny_model, cache_dir
     result = run_cli([*overrides, f"hydra.run.dir={run_dir}"], cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Using cached base model" in result.stdout  # the session's model, not a rebuild
+    # The result block: where the run is, Pass@1 and Pass@8 at step 0 and at the end, the saved policy.
+    summary = json.loads((run_dir / "summary.json").read_text())
+    block = result.stdout[result.stdout.index("dph-train: done: "):].splitlines()
+    assert block[0] == f"dph-train: done: {run_dir}"
+    p1, p8 = (f"{summary[f'initial/eval/test/pass@{k}']:.3f} -> {summary[f'eval/test/pass@{k}']:.3f}" for k in (1, 8))
+    assert block[1].split() == ["test", "pass@1", *p1.split(), "pass@8", *p8.split(), "(step", "0", "->", "2)"]
+    assert block[2] == f"  trained policy: {run_dir / 'model'}" and summary["trained_model"] == str(run_dir / "model")
 
     records = read_jsonl(run_dir / "metrics.jsonl")
     _check_metrics(records)
@@ -138,6 +145,7 @@ def test_tiny_run_logs_everything_to_jsonl_plots_and_wandb(tiny_model, cache_dir
         {k: v for k, v in row.items() if not k.startswith(("_", "charts/", "samples/"))} for row in read_history(run_file)
     ]
     assert _by_step(history) == _by_step(records)
+    assert read_run_info(run_file)["name"] == f"reverse_kl0.01 seed0 {run_dir.name}"  # what the run is, and when
     config = read_config(run_file)
     config.pop("_wandb", None)
     assert config == OmegaConf.to_container(compose_config(overrides, hydra=False), resolve=True)
@@ -194,3 +202,51 @@ def test_two_process_accelerate_run_on_cpu(tiny_model, cache_dir, tmp_path):
     records = read_jsonl(run_dir / "metrics.jsonl")
     _check_metrics(records)  # each step once: rank 1 wrote nothing
     find_offline_run(run_dir / "wandb")  # exactly one W&B run
+
+
+# ---------------------------------------------------------------------------- one seed, one result
+def test_a_seed_gives_one_result_whether_or_not_the_run_built_its_caches(tmp_path):
+    """The RL run's draws do not depend on what was built before it: a run that builds the base model
+    and the pre-sampling cache and a run that finds them ready log identical metrics."""
+    from conftest import DPH
+
+    cache = tmp_path / "cache"
+    runs = []
+    for name in ("cold", "warm"):
+        run_dir = tmp_path / name
+        result = run_cli([*with_overrides(DPH, "trainer.steps=3", "eval.every=2"), f"paths.cache_dir={cache}",
+                          f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs.append([{k: v for k, v in r.items() if not k.startswith("time/")}
+                     for r in read_jsonl(run_dir / "metrics.jsonl")])
+        log_text = (run_dir / "train.log").read_text()
+        built = "Building the tiny base model" in log_text and "Wrote the pre-sampling cache" in log_text
+        assert built == (name == "cold"), log_text
+    assert runs[0] == runs[1]
+
+
+def test_a_run_waiting_for_a_build_says_so(tiny_model, cache_dir, tmp_path):
+    from filelock import FileLock
+
+    from dph.fileio import lock_path
+
+    lock = FileLock(str(lock_path(tiny_model)))
+    lock.acquire()
+    overrides = with_overrides(TINY_OVERRIDES, "divergence=none", "logger=none", "trainer.steps=0",
+                               f"paths.cache_dir={cache_dir}", f"hydra.run.dir={tmp_path / 'run'}")
+    exe = Path(sys.executable).parent / "dph-train"
+    proc = subprocess.Popen([str(exe), *overrides], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    try:
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if "Waiting for another process" in line:
+                break
+        assert f"Waiting for another process that is building the tiny base model (lock {lock_path(tiny_model)})" \
+            in lines[-1], "".join(lines)
+    finally:
+        lock.release()
+    rest = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0, rest[-3000:]
+    assert "Using cached base model" in rest

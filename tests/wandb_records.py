@@ -152,3 +152,16 @@ def read_run_info(run_file: str | Path) -> dict:
             run = record.run
             return {"project": run.project, "group": run.run_group, "name": run.display_name, "tags": list(run.tags)}
     raise ValueError(f"{run_file}: no run record")
+
+
+def find_offline_runs(directory: str | Path, wait_s: float = 30.0) -> list[Path]:
+    """Every ``run-<id>.wandb`` file under ``directory`` in the order they were started (a resumed
+    run adds ``offline-run-<time>-<id>-1/`` and so on). The last one is awaited as in
+    ``find_offline_run``; earlier ones may lack the exit record (a killed attempt)."""
+    found = sorted(Path(directory).rglob("run-*.wandb"), key=lambda p: p.parent.name)
+    if not found:
+        raise FileNotFoundError(f"no run-*.wandb under {directory}")
+    deadline = time.monotonic() + wait_s
+    while not _ends_with_exit(found[-1]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return found
