@@ -176,6 +176,20 @@ class TrainState:
         vars(self).update(state)
 
 
+class ModelState:
+    """A model that is not trained but changes during a run (ProRL's reset reference): its weights
+    go into checkpoints as a registered object."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def state_dict(self) -> dict[str, Any]:
+        return {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.model.load_state_dict(state)
+
+
 class Checkpointer:
     """Writes, keeps and restores the checkpoints of one run through an accelerate Accelerator.
 

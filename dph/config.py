@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 from pathlib import Path
 from typing import Any
@@ -78,6 +79,23 @@ def _bool(cfg: DictConfig, key: str) -> bool:
     return value
 
 
+def _registry_choice(cfg: DictConfig, key: str, registry: dict, params_of) -> str:
+    """A registry entry named by `key`, with its own parameters under `<key>_params` checked."""
+    name = OmegaConf.select(cfg, key)
+    if name not in registry:
+        raise ConfigError(f"{key}={name!r} is not allowed: choose one of {', '.join(sorted(registry))}")
+    given = OmegaConf.select(cfg, f"{key}_params") or {}
+    known = params_of(name)
+    unknown = sorted(set(given) - set(known))
+    if unknown:
+        listed = ", ".join(f"{p} (default {d})" for p, d in known.items()) or "none"
+        raise ConfigError(f"{key}_params.{unknown[0]} is not a parameter of {key}={name}: its parameters are {listed}")
+    missing = [p for p, d in known.items() if d is inspect.Parameter.empty and p not in given]
+    if missing:
+        raise ConfigError(f"{key}={name} needs {key}_params.{missing[0]}, e.g. {key}_params={{{missing[0]}: 4}}")
+    return name
+
+
 def _choice(cfg: DictConfig, key: str, options: tuple[str, ...]) -> str:
     value = OmegaConf.select(cfg, key)
     if value not in options:
@@ -86,18 +104,18 @@ def _choice(cfg: DictConfig, key: str, options: tuple[str, ...]) -> str:
 
 
 DIVERGENCE_RUN_KEYS = ("name", "weight", "source", "rehearsal_batch_size")  # read by the trainer, not the generator
+REVERSE_KL_KEYS = ("estimator", "loss_form", "reference_reset_every")  # reverse_kl on rollouts: also the trainer's
 
 
 def divergence_keys(name: str) -> list[str]:
     """The keys a `divergence` config of this name may hold: the trainer's and its generator's parameters."""
-    import inspect
-
     from dph.divergences import DIVERGENCES
 
     if name == "none":
         return ["name", "weight"]
     params = list(inspect.signature(DIVERGENCES[name]).parameters)
-    return [*DIVERGENCE_RUN_KEYS, *(["estimator"] if name == "reverse_kl" else []), *params]
+    own = list(REVERSE_KL_KEYS) if name == "reverse_kl" else []
+    return [*DIVERGENCE_RUN_KEYS, *own, *params]
 
 
 def expected_metrics(cfg: DictConfig, eval_labels: list[str]) -> set[str]:
@@ -105,6 +123,8 @@ def expected_metrics(cfg: DictConfig, eval_labels: list[str]) -> set[str]:
     names = {m for m in METRICS if "<" not in m} | {f"train/status/{s}" for s in STATUSES}
     if cfg.divergence.name == "none" or cfg.divergence.source != "reference":
         names -= {"train/div_value", "train/rehearsal_logprob"} | {m for m in names if m.startswith("presample/")}
+    if cfg.rollout.engine == "hf":  # HF generate reports no log-probs of its own
+        names -= {"train/engine_logprob_diff", "train/engine_logprob_diff_max"}
     for label in eval_labels:
         names.update(eval_metric_names(label, cfg.eval.n))
     return names
@@ -113,8 +133,10 @@ def expected_metrics(cfg: DictConfig, eval_labels: list[str]) -> set[str]:
 def validate(cfg: DictConfig, task_splits: dict[str, tuple[str, ...]]) -> list[str]:
     """Check the composed config; `task_splits` maps task names to their split names (the trained
     task first). Returns the eval labels. Raises ConfigError on the first impossible value."""
-    from dph.divergences import DIVERGENCES
+    from dph.advantages import ADVANTAGES, advantage_params
+    from dph.divergences import DIVERGENCES, REVERSE_KL_PENALTIES
     from dph.engines import ENGINES
+    from dph.policy_losses import POLICY_LOSSES, policy_loss_params
 
     task_name = cfg.task.name
     _num(cfg, "seed", kind=int, low=0)
@@ -131,9 +153,18 @@ def validate(cfg: DictConfig, task_splits: dict[str, tuple[str, ...]]) -> list[s
     _num(cfg, "algorithm.clip_low", low=0, high=1, low_open=True)
     _num(cfg, "algorithm.clip_high", low=0, low_open=True)
     _choice(cfg, "algorithm.loss_agg", LOSS_AGGS)
+    _registry_choice(cfg, "algorithm.advantage", ADVANTAGES, advantage_params)
+    loss = _registry_choice(cfg, "algorithm.policy_loss", POLICY_LOSSES, policy_loss_params)
+    if loss == "gspo" and cfg.algorithm.loss_agg != "seq-mean-token-mean":
+        raise ConfigError("algorithm.policy_loss=gspo optimizes a sequence-level objective: use "
+                          "algorithm.loss_agg=seq-mean-token-mean (experiment=gspo sets it)")
+    _num(cfg, "algorithm.entropy_coef", low=0)
+    _num(cfg, "algorithm.entropy_target", low=0, low_open=True, allow_none=True)
+    _num(cfg, "algorithm.entropy_coef_lr", low=0)
+    _num(cfg, "algorithm.entropy_coef_max", low=0)
+    _num(cfg, "algorithm.top_entropy_quantile", low=0, high=1, low_open=True, allow_none=True)
     _num(cfg, "algorithm.epochs", kind=int, low=1)
     minibatches = _num(cfg, "algorithm.minibatches", kind=int, low=1)
-    _bool(cfg, "algorithm.norm_adv_by_std")
 
     # trainer
     _num(cfg, "trainer.steps", kind=int, low=0)
@@ -175,6 +206,11 @@ def validate(cfg: DictConfig, task_splits: dict[str, tuple[str, ...]]) -> list[s
         _choice(cfg, "divergence.source", SOURCES)
         if div.name == "reverse_kl":
             _choice(cfg, "divergence.estimator", REVERSE_KL_ESTIMATORS)
+            form = _choice(cfg, "divergence.loss_form", REVERSE_KL_PENALTIES)
+            reset = _num(cfg, "divergence.reference_reset_every", kind=int, low=0)
+            if div.source != "rollouts" and (form != "exact" or reset):
+                raise ConfigError("divergence.loss_form and divergence.reference_reset_every act on a reference model: "
+                                  "use divergence.source=rollouts (or loss_form=exact, reference_reset_every=0)")
         if div.name == "alpha":
             _num(cfg, "divergence.alpha")
         if div.source == "reference":

@@ -30,11 +30,21 @@ class Ranks:
 
     def sum(self, values: dict[str, float]) -> dict[str, float]:
         """Sum scalars over ranks (one all-reduce)."""
+        return self._reduce(values, "sum")
+
+    def max(self, values: dict[str, float]) -> dict[str, float]:
+        """The largest value of each scalar over ranks."""
+        return self._reduce(values, "max")
+
+    def _reduce(self, values: dict[str, float], op: str) -> dict[str, float]:
         if self.count == 1:
             return values
         keys = sorted(values)
         t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=self.acc.device)
-        t = self.acc.reduce(t, reduction="sum")
+        if op == "max":
+            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        else:
+            t = self.acc.reduce(t, reduction="sum")
         return dict(zip(keys, t.tolist(), strict=True))
 
     def gather(self, items: list) -> list:

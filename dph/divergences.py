@@ -47,6 +47,9 @@ LOG_U_CLAMP = 20.0  # |log u| is clamped to this before any generator is evaluat
 SOURCES = ("rollouts", "reference")  # where the tokens come from (see token_divergence)
 REVERSE_KL_ESTIMATORS = ("k1", "k2", "k3")  # value estimates of reverse KL on rollouts
 REVERSE_KL_LOSS_FORMS = ("k2", "k3", "k3+")  # reverse-KL penalties used directly as losses
+# How a reverse-KL penalty on rollouts enters the loss (divergence.loss_form): "exact" is
+# token_divergence's surrogate, "k1_reward" is k1_reward_penalty, the rest reverse_kl_loss.
+REVERSE_KL_PENALTIES = ("exact", "k1_reward", *REVERSE_KL_LOSS_FORMS)
 
 _ALPHA_LIMIT_TOL = 1e-6  # |alpha| or |alpha - 1| below this uses the exact KL limit
 

@@ -40,6 +40,9 @@ METRICS: dict[str, str] = {
     "train/entropy_coef": "coefficient of the entropy bonus (fixed, or the adaptive one's current value)",
     "train/response_length": "mean response length in tokens",
     "train/lr": "learning rate of the step",
+    "train/engine_logprob_diff": "mean |engine - trainer| log-prob of the rollouts' tokens (an engine that reports "
+                                 "its own log-probs, e.g. vllm): how far the engine's numerics are from the trainer's",
+    "train/engine_logprob_diff_max": "max |engine - trainer| log-prob over the step's rollout tokens",
     "train/status/<status>": "fraction of the step's rollouts the verifier judged <status>: correct, wrong, "
                              "invalid (unparseable, rule broken, too long) or timeout (verifier time limit)",
     "presample/d_pef": "training prompts in D_pef (pass rate >= presample.threshold; rehearsed)",

@@ -345,3 +345,16 @@ def top_entropy_mask(
             "updated_token_frac": _masked_fraction(kept, valid),
         }
     return kept.to(mask.dtype), metrics
+
+
+def truncated_is_weights(trainer_logp: Tensor, engine_logp: Tensor, cap: float) -> Tensor:
+    """Truncated importance weights for a rollout engine's mismatch: min(pi_trainer / pi_engine, cap) per token.
+
+    The rollouts were sampled by the engine (its numerics: other kernels, precision), the loss is
+    computed with the training model: w = min(exp(trainer_logp - engine_logp), cap), detached,
+    multiplies the per-token policy loss so that its gradient estimates the trainer's on-policy
+    gradient (the "TIS" correction of TRL and verl: Yao et al. 2025, "Your efficient RL framework
+    secretly brings you off-policy RL training"). [B, T] -> [B, T].
+    """
+    with torch.no_grad():
+        return torch.exp(trainer_logp - engine_logp).clamp(max=cap)

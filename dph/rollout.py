@@ -74,20 +74,23 @@ def collate(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]]
     return SequenceBatch(ids.to(device), attn.to(device), resp.to(device), texts, logp, finish_reasons)
 
 
-def token_logprobs(model, batch: SequenceBatch, temperature: float, group: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+def token_logprobs(model, batch: SequenceBatch, temperature: float, group: int = 1, *,
+                   entropy_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token log-probs of the response tokens and the policy's entropy there, both [B, T].
 
-    Runs with or without grad depending on the caller's context; padding positions hold zeros.
-    group > 1: every `group` consecutive rows share one prompt (as `sample` lays them out); the
-    prompt then runs once per group and its key/value cache is shared by the group's responses:
-    the same values and gradients, without recomputing the prompt `group` times.
+    Runs with or without grad depending on the caller's context (the entropy carries grad only with
+    `entropy_grad`, for an entropy bonus); padding positions hold zeros. group > 1: every `group`
+    consecutive rows share one prompt (as engines lay them out); the prompt then runs once per group
+    and its key/value cache is shared by the group's responses: the same values and gradients,
+    without recomputing the prompt `group` times.
     """
     logits = _response_logits(model, batch, group) / temperature  # logits[:, t] predicts response token t
     targets = batch.input_ids[:, batch.prompt_width :]
     logp = torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    entropy = entropy_from_logits(logits)
+    with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+        entropy = entropy_from_logits(logits)
     mask = batch.response_mask.to(logp.dtype)
-    return logp * mask, entropy.detach() * mask
+    return logp * mask, entropy * mask
 
 
 def _response_logits(model, batch: SequenceBatch, group: int) -> torch.Tensor:

@@ -5,12 +5,14 @@ What one step computes (differences from the GRPO paper are numbered):
      share) and sample G = `algorithm.group_size` responses per prompt at the configured
      temperature / top_p; log-probs are taken under that same sampling distribution.
   2. Score each response with the task's verifier: reward 1 or 0.
-  3. Advantages are group-relative: A = r - mean_group(r), divided by std_group(r) unless
-     `algorithm.norm_adv_by_std=false` (Dr. GRPO). Every token of a response gets its advantage.
-  4. Loss per token: -min(ratio A, clip(ratio, 1 - clip_low, 1 + clip_high) A), with an
-     asymmetric clip (DAPO's clip-higher), plus `divergence.weight` times a token-level
-     f-divergence surrogate whose value estimates D_f and whose gradient is right in expectation
-     (dph.divergences). Tokens are aggregated by `algorithm.loss_agg`.
+  3. Advantages are group-relative, by the estimator `algorithm.advantage` (dph.advantages; GRPO's
+     default: A = (r - mean_group(r)) / std_group(r)). Every token of a response gets its advantage.
+  4. Loss per token: the policy loss `algorithm.policy_loss` (dph.policy_losses; default PPO's
+     -min(ratio A, clip(ratio, 1 - clip_low, 1 + clip_high) A), with DAPO's asymmetric clip-higher),
+     on every token or only the top `algorithm.top_entropy_quantile` by entropy, minus an optional
+     entropy bonus, plus `divergence.weight` times a token-level f-divergence surrogate whose value
+     estimates D_f and whose gradient is right in expectation (dph.divergences). Tokens are
+     aggregated by `algorithm.loss_agg`.
   5. `algorithm.epochs` passes over the rollouts, each in `algorithm.minibatches` optimizer
      steps. With one pass and one minibatch the old log-probs are the current ones (ratio = 1,
      no extra forward pass); otherwise they come from a no-grad forward before the first update.
@@ -48,7 +50,8 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from dph import algos, checkpoint, divergences, presample
+from dph import algos, checkpoint, divergences, policy_losses, presample
+from dph.advantages import get_advantage
 from dph.distributed import Ranks
 from dph.engines import build_engine
 from dph.evaluation import EvalSet, Evaluator, PromptResult
@@ -154,10 +157,14 @@ class Trainer:
             max_new_tokens=g.max_new_tokens, chat_template=cfg.model.chat_template,
             micro_batch_size=cfg.trainer.micro_batch_size, seed=cfg.seed,
         )
+        self.advantage, self.policy_loss = get_advantage(a.advantage), policy_losses.get_policy_loss(a.policy_loss)
+        self.kl_form = div_cfg.get("loss_form", "exact")
         self.state = checkpoint.TrainState()
+        self.state.extra["entropy_coef"] = float(a.entropy_coef)
+        resettable = [checkpoint.ModelState(self.reference)] if div_cfg.get("reference_reset_every") else []
         self.checkpoints = checkpoint.Checkpointer(
             self.acc, run_dir, cfg.trainer.keep_checkpoints, checkpoint.run_config(cfg),
-            [self.scheduler, self.prompts, self.state],
+            [self.scheduler, self.prompts, self.state, *resettable],
         )
         set_seed(cfg.seed + self.acc.process_index)  # after every build: the global generators start alike
         self._engine_stale = False
@@ -222,15 +229,22 @@ class Trainer:
 
     # ------------------------------------------------------------------ training
     def train_step(self, step: int) -> dict[str, float]:
-        cfg, a, rank = self.cfg, self.cfg.algorithm, self.ranks.index
+        cfg, a, rank, G = self.cfg, self.cfg.algorithm, self.ranks.index, self.cfg.algorithm.group_size
         t0 = time.perf_counter()
         problems = self.ranks.shard(self.prompts.next(cfg.trainer.prompts_per_step))
-        batch = self._sample(problems, a.group_size, stage_seed(cfg.seed, "rollout", step, rank))
-        scores = [self.task.score(p, text) for p, text in zip(_repeat(problems, a.group_size), batch.texts, strict=True)]
+        batch = self._sample(problems, G, stage_seed(cfg.seed, "rollout", step, rank))
+        scores = [self.task.score(p, text) for p, text in zip(_repeat(problems, G), batch.texts, strict=True)]
         rewards = torch.tensor([s.reward for s in scores], dtype=torch.float32, device=self.acc.device)
-        advantages, adv_stats = algos.group_advantages(rewards, a.group_size, norm_by_std=a.norm_adv_by_std)
-        ref_logp = self._forward_no_grad(self.reference, batch, a.group_size)[0] if self.reference is not None else None
-        old_logp = self._forward_no_grad(self.policy, batch, a.group_size)[0] if a.epochs * a.minibatches > 1 else None
+        mask = batch.response_mask.float()
+        ref_logp = self._forward_no_grad(self.reference, batch, G)[0] if self.reference is not None else None
+        needs_old = a.epochs * a.minibatches > 1 or a.advantage == "unlikeliness" or self.kl_form == "k1_reward"
+        old_logp = self._forward_no_grad(self.policy, batch, G)[0] if needs_old else None
+        if self.kl_form == "k1_reward":  # KL in the reward: r - weight * sum_t log(pi / pi_ref)
+            shaped = rewards - cfg.divergence.weight * divergences.k1_reward_penalty(old_logp, ref_logp, mask)
+        else:
+            shaped = rewards
+        seq_logprob = None if old_logp is None else (old_logp * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+        advantages, _ = self.advantage(shaped, G, seq_logprob=seq_logprob, **a.advantage_params)
         rehearsal = None
         if self.reference_data is not None:
             size = self.ranks.share(self.cfg.divergence.rehearsal_batch_size)
@@ -238,17 +252,15 @@ class Trainer:
             rehearsal = (rb, rlp.to(self.acc.device))
         t1 = time.perf_counter()
 
-        sums: dict[str, float] = dict.fromkeys(
-            ("loss", "pg_loss", "div_loss", "divergence", "entropy_sum", "tokens", "clipped",
-             "ratio_sum", "approx_kl_sum", "rehearsal_logprob_sum", "rehearsal_tokens", "div_updates"), 0.0
-        )
+        sums: dict[str, float] = dict.fromkeys(STEP_SUMS, 0.0)
         shuffle = generator(cfg.seed, "minibatch", step)
+        self.loss_rng = generator(cfg.seed, "policy_loss", step, rank)
         self.engine.release_memory()
         for _ in range(a.epochs):
             order = torch.arange(len(batch))
             if a.minibatches > 1:  # shuffle whole groups, so that a minibatch holds complete groups
-                groups = torch.randperm(len(batch) // a.group_size, generator=shuffle)
-                order = (groups[:, None] * a.group_size + torch.arange(a.group_size)).flatten()
+                groups = torch.randperm(len(batch) // G, generator=shuffle)
+                order = (groups[:, None] * G + torch.arange(G)).flatten()
             rehearsal_order = torch.arange(len(rehearsal[0])) if rehearsal is not None else None
             # tensor_split always gives `minibatches` parts (chunk gives fewer when rows are few)
             for j, rows in enumerate(torch.tensor_split(order, a.minibatches)):
@@ -256,40 +268,72 @@ class Trainer:
                 self._update(batch, rows, advantages, old_logp, ref_logp, rehearsal, rehearsal_rows, sums)
         self._engine_stale = True
         t2 = time.perf_counter()
-        mask = batch.response_mask.float()
-        sums.update({f"status_{name}": 0.0 for name in STATUSES})
+
         for score in scores:
             sums[f"status_{score.status}"] += 1.0
+        correct = rewards > 0
         sums.update(
             reward_sum=float(rewards.sum()), n_responses=len(batch), response_tokens=float(mask.sum()),
-            zero_std_groups=float(adv_stats["zero_std_frac"]) * len(problems), groups=len(problems),
-            rollout_s=t1 - t0, update_s=t2 - t1,
+            zero_std_groups=float((advantages.view(-1, G) == 0).all(dim=1).sum()), groups=len(problems),
+            adv_correct_sum=float(advantages[correct].sum()), n_correct=float(correct.sum()),
+            adv_wrong_sum=float(advantages[~correct].sum()), rollout_s=t1 - t0, update_s=t2 - t1,
         )
-        s = self.ranks.sum(dict(sums))
-        n_updates = a.epochs * a.minibatches
-        world = self.acc.num_processes
+        totals = {**self.ranks.sum(sums), **self.ranks.max({"engine_diff_max": sums["engine_diff_max"]})}
+        metrics = self._step_metrics(totals, with_rehearsal=rehearsal is not None,
+                                     with_engine_logprobs=batch.logprobs is not None)
+        self._after_update(step, metrics)
+        return metrics
+
+    def _step_metrics(self, s: dict[str, float], *, with_rehearsal: bool, with_engine_logprobs: bool) -> dict[str, float]:
+        """The step's metrics (dph.metrics.METRICS) from its sums over micro-batches and ranks."""
+        a, world = self.cfg.algorithm, self.acc.num_processes
+        n_updates, tokens = a.epochs * a.minibatches, max(1.0, s["tokens"])
         metrics = {
             "train/reward_mean": s["reward_sum"] / s["n_responses"],
             "train/response_length": s["response_tokens"] / s["n_responses"],
-            "train/entropy": s["entropy_sum"] / max(1.0, s["tokens"]),
+            "train/entropy": s["entropy_sum"] / tokens,
             "train/loss": s["loss"] / n_updates / world,
             "train/pg_loss": s["pg_loss"] / n_updates / world,
             # means over the updates that had a divergence term (a minibatch may draw no rehearsal row)
             "train/div_loss": s["div_loss"] / max(1.0, s["div_updates"]),
             "train/divergence": s["divergence"] / max(1.0, s["div_updates"]),
-            "train/clip_frac": s["clipped"] / max(1.0, s["tokens"]),
-            "train/ratio_mean": s["ratio_sum"] / max(1.0, s["tokens"]),
-            "train/approx_kl": s["approx_kl_sum"] / max(1.0, s["tokens"]),
+            "train/clip_frac": s["clipped"] / tokens,
+            "train/cov_clip_frac": s["cov_clipped"] / tokens,
+            "train/ratio_mean": s["ratio_sum"] / tokens,
+            "train/approx_kl": s["approx_kl_sum"] / tokens,
             "train/zero_std_frac": s["zero_std_groups"] / max(1.0, s["groups"]),
+            "train/adv_mean_correct": s["adv_correct_sum"] / max(1.0, s["n_correct"]),
+            "train/adv_mean_wrong": s["adv_wrong_sum"] / max(1.0, s["n_responses"] - s["n_correct"]),
+            "train/updated_token_frac": s["updated_tokens"] / tokens,
+            "train/updated_token_entropy": s["updated_entropy_sum"] / max(1.0, s["updated_tokens"]),
+            "train/entropy_coef": s["entropy_coef_sum"] / max(1.0, s["micro_batches"]),
             "train/lr": self.scheduler.get_last_lr()[0],
             **{f"train/status/{name}": s[f"status_{name}"] / s["n_responses"] for name in STATUSES},
             "time/rollout_s": s["rollout_s"] / world,
             "time/update_s": s["update_s"] / world,
         }
-        if rehearsal is not None:
+        if with_rehearsal:
             metrics["train/div_value"] = metrics["train/divergence"]
             metrics["train/rehearsal_logprob"] = s["rehearsal_logprob_sum"] / max(1.0, s["rehearsal_tokens"])
+        if with_engine_logprobs:
+            metrics["train/engine_logprob_diff"] = s["engine_diff_sum"] / tokens
+            metrics["train/engine_logprob_diff_max"] = s["engine_diff_max"]
         return metrics
+
+    def _after_update(self, step: int, metrics: dict[str, float]) -> None:
+        """Per-step state of optional algorithm parts: the adaptive entropy coefficient, and ProRL's
+        reference reset (the reference becomes the current policy; the optimizer state starts over)."""
+        a, div = self.cfg.algorithm, self.cfg.divergence
+        if a.entropy_target is not None:
+            self.state.extra["entropy_coef"] = policy_losses.adaptive_entropy_coef(
+                self.state.extra["entropy_coef"], metrics["train/entropy"], a.entropy_target, a.entropy_coef_lr,
+                a.entropy_coef_max)
+        reset = div.get("reference_reset_every", 0) if self.reference is not None else 0
+        if reset and step % reset == 0:
+            self.reference.load_state_dict(self.generator_model.state_dict())
+            self.optimizer.optimizer.state.clear()
+            self.state.extra["reference_reset_step"] = step
+            log.info("Step %d: the reference is now the current policy; optimizer state reset", step)
 
     def _update(self, batch, rows, advantages, old_logp, ref_logp, rehearsal, rehearsal_rows, sums) -> None:
         """One optimizer step: the policy-gradient loss on rollout rows `rows` plus the weighted
@@ -322,30 +366,61 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
 
     def _rollout_loss(self, part: SequenceBatch, idx, advantages, old_logp, ref_logp, denom, sums) -> torch.Tensor:
-        """PPO-clipped loss on rollouts, plus the on-policy divergence surrogate when it uses rollouts."""
-        a = self.cfg.algorithm
+        """The policy loss on rollouts (algorithm.policy_loss, on the tokens it updates), the entropy
+        bonus, and the on-policy divergence term when the divergence uses rollouts."""
+        a, coef = self.cfg.algorithm, self.state.extra["entropy_coef"]
         mask = part.response_mask.float()
-        logp, entropy = token_logprobs(self.policy, part, self.cfg.generation.temperature, a.group_size)
+        bonus = coef > 0 or a.entropy_target is not None
+        logp, entropy = token_logprobs(self.policy, part, self.cfg.generation.temperature, a.group_size,
+                                       entropy_grad=bonus)
         old = logp.detach() if old_logp is None else old_logp[idx]
-        pg_tok, pg_stats = algos.ppo_clip_loss(logp, old, advantages[idx], mask, clip_low=a.clip_low, clip_high=a.clip_high)
+        updated = mask
+        if a.top_entropy_quantile is not None:  # train only the highest-entropy ("forking") tokens
+            updated, _ = policy_losses.top_entropy_mask(entropy.detach(), mask, a.top_entropy_quantile)
+        pg_tok, pg_stats = self.policy_loss(logp, old, advantages[idx], updated, clip_low=a.clip_low,
+                                            clip_high=a.clip_high, generator=self.loss_rng, **a.policy_loss_params)
+        if part.logprobs is not None:  # a rollout engine's own log-probs: how far they are from the trainer's
+            diff = (old - part.logprobs).abs() * mask
+            sums["engine_diff_sum"] += float(diff.sum())
+            sums["engine_diff_max"] = max(sums["engine_diff_max"], float(diff.max()))
+            if self.cfg.rollout.tis_cap is not None:
+                pg_tok = pg_tok * policy_losses.truncated_is_weights(old, part.logprobs, self.cfg.rollout.tis_cap)
         loss = pg = self._agg(pg_tok, mask, denom)
+        if bonus:
+            loss = loss + self._agg(policy_losses.entropy_bonus(entropy, updated, coef)[0], mask, denom)
         if ref_logp is not None:
-            surrogate, value = divergences.token_divergence(
-                self.divergence, logp, ref_logp[idx], source="rollouts",
-                estimator=self.cfg.divergence.get("estimator") if self.cfg.divergence.name == "reverse_kl" else None,
-            )
-            div = self._agg(surrogate, mask, denom)
-            loss = loss + self.cfg.divergence.weight * div
-            sums["div_loss"] += float(div.detach())
-            sums["divergence"] += float(self._agg(value, mask, denom))
-        n_tok = float(mask.sum())
+            loss = loss + self._rollout_divergence(logp, ref_logp[idx], mask, denom, sums)
+        n_tok, entropy = float(mask.sum()), entropy.detach()
         sums["pg_loss"] += float(pg.detach())
         sums["entropy_sum"] += float((entropy * mask).sum())
         sums["tokens"] += n_tok
-        sums["clipped"] += float(pg_stats["clip_frac"]) * n_tok
-        sums["ratio_sum"] += float(pg_stats["ratio_mean"]) * n_tok
-        sums["approx_kl_sum"] += float(pg_stats["approx_kl"]) * n_tok
+        sums["updated_tokens"] += float(updated.sum())
+        sums["updated_entropy_sum"] += float((entropy * updated).sum())
+        sums["entropy_coef_sum"] += coef
+        sums["micro_batches"] += 1
+        for key, stat in (("clipped", "clip_frac"), ("cov_clipped", "cov_clip_frac"), ("ratio_sum", "ratio_mean"),
+                          ("approx_kl_sum", "approx_kl")):
+            sums[key] += float(pg_stats.get(stat, 0.0)) * n_tok
         return loss
+
+    def _rollout_divergence(self, logp, ref_logp, mask, denom, sums) -> torch.Tensor:
+        """weight * the divergence on the policy's own rollouts against the reference model, in the
+        form divergence.loss_form gives (reverse KL: its label says which gradient it really has)."""
+        div_cfg = self.cfg.divergence
+        if self.kl_form == "exact":
+            surrogate, value = divergences.token_divergence(
+                self.divergence, logp, ref_logp, source="rollouts",
+                estimator=div_cfg.get("estimator") if div_cfg.name == "reverse_kl" else None)
+        elif self.kl_form == "k1_reward":  # in the advantages already; only its value here
+            surrogate, value = None, divergences.reverse_kl_estimate(logp.detach() - ref_logp, "k1")
+        else:
+            surrogate, value = divergences.reverse_kl_loss(logp, ref_logp, self.kl_form)
+        sums["divergence"] += float(self._agg(value, mask, denom))
+        if surrogate is None:
+            return torch.zeros((), device=logp.device)
+        div = self._agg(surrogate, mask, denom)
+        sums["div_loss"] += float(div.detach())
+        return div_cfg.weight * div
 
     def _rehearsal_loss(self, part: SequenceBatch, ref_logp, denom, sums) -> torch.Tensor:
         """DPH: weight * D_f on pre-sampled initial-policy responses (stored log-probs, no reference model)."""
@@ -430,6 +505,13 @@ class Trainer:
         self.engine.close()
 
 
+# Sums a step accumulates over its micro-batches (then over ranks) to form its metrics.
+STEP_SUMS = ("loss", "pg_loss", "div_loss", "divergence", "entropy_sum", "tokens", "clipped", "cov_clipped",
+             "ratio_sum", "approx_kl_sum", "rehearsal_logprob_sum", "rehearsal_tokens", "div_updates",
+             "updated_tokens", "updated_entropy_sum", "entropy_coef_sum", "micro_batches", "engine_diff_sum",
+             "engine_diff_max", *(f"status_{name}" for name in STATUSES))
+
+
 def _repeat(items: list, n: int) -> list:
     return [x for x in items for _ in range(n)]
 
@@ -450,9 +532,9 @@ def _max_model_len(model) -> int:
 
 def _div_params(div_cfg: DictConfig) -> dict[str, Any]:
     """Constructor parameters of a divergence: its config minus the keys the trainer itself uses."""
-    from dph.config import DIVERGENCE_RUN_KEYS
+    from dph.config import DIVERGENCE_RUN_KEYS, REVERSE_KL_KEYS
 
     params = OmegaConf.to_container(div_cfg, resolve=True)
-    for key in (*DIVERGENCE_RUN_KEYS, "estimator"):
+    for key in (*DIVERGENCE_RUN_KEYS, *REVERSE_KL_KEYS):
         params.pop(key, None)
     return params

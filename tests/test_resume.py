@@ -24,7 +24,8 @@ BASE = with_overrides(DPH, "trainer.steps=4", "trainer.checkpoint_every=2", "eva
 # (method overrides, where the first attempt is killed: point, count) -- see tests/kill_at.py
 CASES = {
     "grpo": (["experiment=grpo"], ("update", 5)),  # inside step 3, after checkpoint 2 (two updates per step)
-    "reverse_kl": (["experiment=grpo_kl"], ("checkpoint", 2)),  # while checkpoint 4 is written
+    # reverse KL with ProRL's reset at step 2: checkpoint 2 holds the reset reference model
+    "reverse_kl": (["experiment=prorl", "divergence.reference_reset_every=2"], ("checkpoint", 2)),  # while checkpoint 4 is written
     "dph_js": (["experiment=dph_js", "logger=wandb"], ("evaluate", 3)),  # during the last evaluation
 }
 
@@ -76,6 +77,8 @@ def test_a_killed_run_resumes_to_the_same_result(name, references, cache_dir, tm
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     log_text = (run_dir / "train.log").read_text()
     assert "Resuming from checkpoint" in log_text and "step-000002: step 2 of 4" in log_text
+    if name == "reverse_kl":
+        assert "Step 4: the reference is now the current policy" in log_text
     assert_same_run(references[name], run_dir)
     steps = [r["train/step"] for r in read_jsonl(run_dir / "metrics.jsonl")]
     assert steps == [0, 0, 1, 2, 2, 3, 4, 4] if name == "dph_js" else steps == [0, 1, 2, 2, 3, 4, 4]

@@ -75,7 +75,7 @@ def compose_dph_config(model_dir: Path | None, run_root: Path, args):
         "algorithm.epochs=1",
         "algorithm.minibatches=1",
         "algorithm.loss_agg=token-mean",
-        "algorithm.norm_adv_by_std=true",
+        "algorithm.advantage=grpo",
         f"generation.max_new_tokens={args.tokens}",
         "generation.temperature=1.0",
         "generation.top_p=1.0",
