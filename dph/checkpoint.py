@@ -199,10 +199,14 @@ class Checkpointer:
     one is complete).
     """
 
-    def __init__(self, accelerator, run_dir: Path, keep: int, config: Mapping[str, Any], objects: list):
+    def __init__(self, accelerator, run_dir: Path, keep: int, config: Mapping[str, Any], objects: list,
+                 trainable_only: bool = False):
         self.acc, self.root, self.keep, self.config = accelerator, run_dir / CHECKPOINTS, keep, config
+        self.trainable_only = trainable_only
         for obj in objects:  # the same order when saving and loading
             accelerator.register_for_checkpointing(obj)
+        if trainable_only:  # LoRA: the frozen base is the initial policy, loaded again on resume
+            accelerator.register_save_state_pre_hook(_keep_trainable_weights)
 
     def save(self, step: int) -> Path:
         target = step_dir(self.root, step)
@@ -231,7 +235,15 @@ class Checkpointer:
 
     def load(self, directory: Path) -> None:
         with _quiet_accelerate():
-            self.acc.load_state(str(directory))
+            self.acc.load_state(str(directory), **({"strict": False} if self.trainable_only else {}))
+
+
+def _keep_trainable_weights(models: list, weights: list[dict], output_dir: str) -> None:
+    """accelerate save-state hook: keep only the trainable parameters of each model's state dict."""
+    for model, state in zip(models, weights):
+        trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+        for key in [k for k in state if k not in trainable]:
+            del state[key]
 
 
 @contextlib.contextmanager

@@ -209,9 +209,14 @@ def model_fingerprint(model_dir: Path) -> dict[str, str]:
 
 
 def load_policy(model_dir: Path, model_cfg: Mapping[str, Any], device: torch.device | str = "cpu"):
-    """Load (model, tokenizer) from a local directory, offline. The tokenizer pads on the left."""
+    """Load (model, tokenizer) from a local directory, offline. The tokenizer pads on the left.
+
+    A directory holding a LoRA adapter (adapter_config.json, as a LoRA run saves its policy) loads
+    its base model and merges the adapter into it: the result is a plain model.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    model_dir = Path(model_dir).expanduser().resolve()
     dtype = _dtype(model_cfg.get("dtype", "float32"), device)
     remote = bool(model_cfg.get("trust_remote_code", False))
     tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True, trust_remote_code=remote)
@@ -220,10 +225,42 @@ def load_policy(model_dir: Path, model_cfg: Mapping[str, Any], device: torch.dev
         if tok.eos_token_id is None:
             raise ValueError(f"model.path={model_dir}: the tokenizer has neither a pad nor an eos token")
         tok.pad_token = tok.eos_token
-    model = AutoModelForCausalLM.from_pretrained(
-        model_dir, local_files_only=True, dtype=dtype, trust_remote_code=remote
-    )
+    adapter = model_dir / "adapter_config.json"
+    base_dir = json.loads(adapter.read_text())["base_model_name_or_path"] if adapter.is_file() else model_dir
+    model = AutoModelForCausalLM.from_pretrained(base_dir, local_files_only=True, dtype=dtype, trust_remote_code=remote)
+    if adapter.is_file():
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, model_dir, local_files_only=True).merge_and_unload()
     return model.to(device), tok
+
+
+def prepare_for_training(model, model_cfg: Mapping[str, Any]):
+    """The policy as it trains: with LoRA adapters (`model.lora.r > 0`: only they train; the frozen
+    base stays the initial policy) and gradient checkpointing when asked."""
+    if model_cfg.get("gradient_checkpointing", False):
+        enable_checkpointing(model)
+    lora = model_cfg.get("lora") or {}
+    if lora.get("r", 0) > 0:
+        from peft import LoraConfig, get_peft_model
+
+        targets = lora["target_modules"]
+        model = get_peft_model(model, LoraConfig(
+            r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"], task_type="CAUSAL_LM",
+            target_modules=targets if isinstance(targets, str) else list(targets)))
+    return model
+
+
+def enable_checkpointing(model) -> None:
+    """Gradient (activation) checkpointing, under the name this transformers version gives it."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def uses_lora(model_cfg: Mapping[str, Any]) -> bool:
+    return (model_cfg.get("lora") or {}).get("r", 0) > 0
 
 
 def _dtype(name: str, device: torch.device | str) -> torch.dtype:

@@ -97,13 +97,19 @@ def _response_logits(model, batch: SequenceBatch, group: int) -> torch.Tensor:
     """Float logits [B, T, V] at the positions that predict the T response tokens."""
     width_p, width_r = batch.prompt_width, batch.response_mask.shape[1]
     position_ids = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
-    if group <= 1 or not shares_prompts(batch, group):
+    inner = getattr(model, "module", model)
+    # gradient checkpointing recomputes layers without a cache: the prompt cannot be shared then
+    checkpointing = getattr(inner, "is_activation_checkpointing", None)  # transformers >= 5.2x; older: the other name
+    if checkpointing is None:
+        checkpointing = getattr(inner, "is_gradient_checkpointing", False)
+    recomputed = checkpointing and inner.training and torch.is_grad_enabled()
+    if group <= 1 or recomputed or not shares_prompts(batch, group):
         out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=position_ids,
                     logits_to_keep=width_r + 1, use_cache=False)
         return out.logits[:, :-1].float()
     # The prompts once (the unwrapped model: a DDP wrapper expects one forward per backward), then
     # the responses on top of their cache, repeated for each row of the group.
-    prompt = (getattr(model, "module", model))(
+    prompt = inner(
         input_ids=batch.input_ids[::group, :width_p], attention_mask=batch.attention_mask[::group, :width_p],
         position_ids=position_ids[::group, :width_p], logits_to_keep=1, use_cache=True,
     )

@@ -51,11 +51,13 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from dph import algos, checkpoint, divergences, policy_losses, presample
+from dph.config import ConfigError
 from dph.advantages import get_advantage
 from dph.distributed import Ranks
 from dph.engines import build_engine
 from dph.evaluation import EvalSet, Evaluator, PromptResult
-from dph.models import encode_prompts, load_policy, model_fingerprint, resolve_model_dir
+from dph.models import (encode_prompts, load_policy, model_fingerprint, prepare_for_training, resolve_model_dir,
+                        uses_lora)
 from dph.rollout import SequenceBatch, logprobs_no_grad, micro_slices, token_logprobs
 from dph.seeding import generator, stage_seed
 from dph.tasks import STATUSES, Problem, Task
@@ -126,19 +128,23 @@ class Trainer:
         with self.acc.main_process_first():  # rank 0 builds the tiny base model once; others then load it
             self.model_dir = resolve_model_dir(cfg.model, tasks, cfg.paths.cache_dir)
         policy, self.tokenizer = load_policy(self.model_dir, cfg.model, self.acc.device)
+        policy = prepare_for_training(policy, cfg.model)
         g = cfg.generation
         self.engine = build_engine(cfg.rollout, policy, self.tokenizer, model_dir=self.model_dir,
-                                   batch_size=g.batch_size, max_model_len=_max_model_len(policy))
+                                   batch_size=g.batch_size, max_model_len=_max_model_len(policy),
+                                   sharded=self._check_sharding())
 
         # The divergence term: on rollouts against a frozen initial policy (a second model), or on
         # pre-sampled initial-policy data (DPH: RL on D_exp only, no reference model at all).
         div_cfg = cfg.divergence
         self.divergence = None if div_cfg.name == "none" else divergences.get_divergence(div_cfg.name, **_div_params(div_cfg))
-        self.reference = None
+        self.reference = None  # a frozen copy of the initial policy (with LoRA: the base, adapters disabled)
         self.reference_data = None
+        self.uses_reference = self.divergence is not None and div_cfg.source == "rollouts"
         train_problems = task.problems("train")
-        if self.divergence is not None and div_cfg.source == "rollouts":
-            self.reference = copy.deepcopy(policy).eval().requires_grad_(False)
+        if self.uses_reference:
+            if not uses_lora(cfg.model):
+                self.reference = copy.deepcopy(policy).eval().requires_grad_(False)
         elif self.divergence is not None:
             with self.acc.main_process_first():
                 self.reference_data = presample.load_or_build(
@@ -164,13 +170,30 @@ class Trainer:
         resettable = [checkpoint.ModelState(self.reference)] if div_cfg.get("reference_reset_every") else []
         self.checkpoints = checkpoint.Checkpointer(
             self.acc, run_dir, cfg.trainer.keep_checkpoints, checkpoint.run_config(cfg),
-            [self.scheduler, self.prompts, self.state, *resettable],
+            [self.scheduler, self.prompts, self.state, *resettable], trainable_only=uses_lora(cfg.model),
         )
         set_seed(cfg.seed + self.acc.process_index)  # after every build: the global generators start alike
         self._engine_stale = False
         if resume_from is not None:
             self.checkpoints.load(resume_from)
             self._engine_stale = True
+
+    def _check_sharding(self) -> bool:
+        """Whether the policy is sharded over the ranks (FSDP, DeepSpeed): then every rank must run
+        the same number of forward passes, so the per-step counts must split evenly."""
+        from accelerate.utils import DistributedType
+
+        if self.acc.distributed_type not in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+            return False
+        k, cfg = self.acc.num_processes, self.cfg
+        counts = {"trainer.prompts_per_step": cfg.trainer.prompts_per_step, "eval.max_prompts": cfg.eval.max_prompts}
+        if cfg.divergence.get("source") == "reference":
+            counts["divergence.rehearsal_batch_size"] = cfg.divergence.rehearsal_batch_size
+        for key, value in counts.items():
+            if value is None or value % k:
+                raise ConfigError(f"{key}={value} does not split evenly over {k} ranks of a sharded model "
+                                  f"({self.acc.distributed_type.value}): use a multiple of {k}")
+        return True
 
     def _exploration_problems(self) -> list[Problem]:
         """D_exp, with the split logged; an empty side of the split is an error with the fix."""
@@ -214,6 +237,15 @@ class Trainer:
         """Log-probs and entropy of a prompt-major batch with `group` responses per prompt."""
         return logprobs_no_grad(model, batch, self.cfg.generation.temperature, group, self.cfg.trainer.micro_batch_size)
 
+    def _reference_logprobs(self, batch: SequenceBatch) -> torch.Tensor:
+        """Log-probs of the rollouts under the initial policy: the frozen copy, or with LoRA the
+        frozen base itself (the adapters switched off for this forward)."""
+        G = self.cfg.algorithm.group_size
+        if self.reference is not None:
+            return self._forward_no_grad(self.reference, batch, G)[0]
+        with self.generator_model.disable_adapter():
+            return self._forward_no_grad(self.policy, batch, G)[0]
+
     def _micro(self, n: int, group: int = 1) -> list[slice]:
         return micro_slices(n, self.cfg.trainer.micro_batch_size, group)
 
@@ -236,7 +268,7 @@ class Trainer:
         scores = [self.task.score(p, text) for p, text in zip(_repeat(problems, G), batch.texts, strict=True)]
         rewards = torch.tensor([s.reward for s in scores], dtype=torch.float32, device=self.acc.device)
         mask = batch.response_mask.float()
-        ref_logp = self._forward_no_grad(self.reference, batch, G)[0] if self.reference is not None else None
+        ref_logp = self._reference_logprobs(batch) if self.uses_reference else None
         needs_old = a.epochs * a.minibatches > 1 or a.advantage == "unlikeliness" or self.kl_form == "k1_reward"
         old_logp = self._forward_no_grad(self.policy, batch, G)[0] if needs_old else None
         if self.kl_form == "k1_reward":  # KL in the reward: r - weight * sum_t log(pi / pi_ref)

@@ -52,13 +52,17 @@ class RolloutEngine:
 
 
 def build_engine(rollout_cfg: Mapping[str, Any], model, tokenizer, *, model_dir, batch_size: int,
-                 max_model_len: int) -> RolloutEngine:
-    """The engine ``rollout_cfg.engine`` names, sampling from ``model`` (loaded from ``model_dir``)."""
+                 max_model_len: int, sharded: bool = False) -> RolloutEngine:
+    """The engine ``rollout_cfg.engine`` names, sampling from ``model`` (loaded from ``model_dir``);
+    ``sharded``: the model's weights are split over the ranks (FSDP, DeepSpeed ZeRO)."""
     name = rollout_cfg["engine"]
     if name == "hf":
         from dph.engines.hf import HFEngine
 
-        return HFEngine(model, tokenizer, batch_size=batch_size)
+        return HFEngine(model, tokenizer, batch_size=batch_size, synced_gpus=sharded)
+    if sharded:
+        raise ValueError("rollout.engine=vllm loads whole weights from the training model: with FSDP or "
+                         "DeepSpeed use rollout.engine=hf, or DDP (conf/accelerate/ddp.yaml) with vllm")
     if name == "vllm":
         from dph.engines.vllm import VLLMEngine
 

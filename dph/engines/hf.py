@@ -17,8 +17,8 @@ class HFEngine(RolloutEngine):
 
     name = "hf"
 
-    def __init__(self, model, tokenizer, *, batch_size: int):
-        self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
+    def __init__(self, model, tokenizer, *, batch_size: int, synced_gpus: bool = False):
+        self.model, self.tokenizer, self.batch_size, self.synced_gpus = model, tokenizer, batch_size, synced_gpus
 
     def update_weights(self, model) -> None:
         self.model = model
@@ -27,7 +27,8 @@ class HFEngine(RolloutEngine):
                  top_p: float, seed: int) -> SequenceBatch:
         with seeded(seed, next(self.model.parameters()).device):
             return sample(self.model, self.tokenizer, prompts, n=n, max_new_tokens=max_new_tokens,
-                          temperature=temperature, top_p=top_p, batch_size=self.batch_size)
+                          temperature=temperature, top_p=top_p, batch_size=self.batch_size,
+                          synced_gpus=self.synced_gpus)
 
 
 @contextlib.contextmanager
@@ -41,11 +42,13 @@ def seeded(seed: int, device: torch.device):
 
 @torch.no_grad()
 def sample(model, tokenizer, prompts: Sequence[Sequence[int]], *, n: int, max_new_tokens: int,
-           temperature: float, top_p: float, batch_size: int) -> SequenceBatch:
+           temperature: float, top_p: float, batch_size: int, synced_gpus: bool = False) -> SequenceBatch:
     """Sample `n` responses per prompt with HF `generate` (KV cache); rows are prompt-major.
 
     Each response ends at (and includes) the first eos; a response that never emits eos is cut at
     `max_new_tokens`. Only temperature and top_p shape sampling (top_k and penalties are off).
+    synced_gpus: keep every rank generating until all are done (a sharded model, FSDP or ZeRO-3,
+    needs every rank in every forward).
     """
     device = next(model.parameters()).device
     eos = tokenizer.eos_token_id
@@ -74,6 +77,7 @@ def sample(model, tokenizer, prompts: Sequence[Sequence[int]], *, n: int, max_ne
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=eos,
             use_cache=True,
+            synced_gpus=synced_gpus,
         )
         for seq in out[:, width:].tolist():
             responses.append(seq[: seq.index(eos) + 1] if eos in seq else seq)
