@@ -145,10 +145,14 @@ def plot_comparison(jobs: Sequence[Job], path: Path) -> Path | None:
                 splits.setdefault(match["split"], set()).add(int(match["k"]))
     if not splits:
         return None
-    figure = Figure(figsize=(max(6.0, 5.2 * len(splits)), 4.4), layout="constrained")
+    methods = list(dict.fromkeys(label for label, _ in finished))
+    width = max(6.0, 5.2 * len(splits))
+    # The legend below the axes: as many columns as its longest entry allows (about 0.07 in a character).
+    entry = 0.8 + 0.07 * max(len(f"{m} (n=00)") for m in [*methods, "initial policy"])
+    columns = max(1, min(len(methods) + 1, int(width // entry)))
+    figure = Figure(figsize=(width, 4.0 + 0.25 * math.ceil((len(methods) + 1) / columns)), layout="constrained")
     FigureCanvasAgg(figure)
     axes = figure.subplots(1, len(splits), squeeze=False)[0]
-    methods = list(dict.fromkeys(label for label, _ in finished))
     for ax, (split, ks) in zip(axes, splits.items()):
         ks = sorted(ks)
         initial = [[j.initial.get(f"eval/{split}/pass@{k}", math.nan) for _, j in finished] for k in ks]
@@ -163,7 +167,9 @@ def plot_comparison(jobs: Sequence[Job], path: Path) -> Path | None:
         ax.set_xscale("log", base=2)
         ax.set_xticks(ks, [str(k) for k in ks])
         ax.set(title=f"{split}: Pass@k vs k", xlabel="k (samples per prompt)", ylabel="Pass@k", ylim=(-0.02, 1.02))
-        ax.legend(loc="lower right", fontsize="x-small")
+    # One legend for every split, below the axes, where it hides no curve.
+    handles, labels = axes[0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="outside lower center", ncols=columns, fontsize="small", frameon=False)
     figure.suptitle("Methods side by side\nmean over seeds (band: min to max); dashed: the initial policy", fontsize="medium")
     return save_figure(figure, path)
 

@@ -187,7 +187,10 @@ def evaluate_models(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
 
 @hydra.main(version_base="1.3", config_path=str(package_root() / "conf"), config_name="evaluate")
 def main(cfg: DictConfig) -> None:
+    from dph.cluster import prepare_job_process
+
     out_dir = Path(HydraConfig.get().runtime.output_dir)
+    prepare_job_process()
     try:
         cfg = compose_for_run(cfg)
         out = evaluate_models(cfg, out_dir)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -54,11 +55,48 @@ def absolute_storage(storage: str) -> str:
     return storage
 
 
-def open_storage(storage: str) -> optuna.storages.BaseStorage:
+class StorageError(ValueError):
+    """A storage that cannot be opened here, e.g. its database driver is not installed (one line)."""
+
+
+def check_storage_driver(storage: str) -> None:
+    """Raise StorageError, before any work, when an RDB URL's database driver is not installed
+    (``postgresql://`` needs psycopg or psycopg2: the ``postgres`` extra); nothing for journal files."""
+    if not is_rdb_url(storage):
+        return
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+    try:
+        url = make_url(storage)
+        url.get_dialect().import_dbapi()
+    except (ArgumentError, NoSuchModuleError) as e:
+        raise StorageError(f"is not a database URL that SQLAlchemy knows ({e}): use e.g. "
+                           "sqlite:///path/study.db or postgresql://user@host/db") from None
+    except ImportError as e:
+        backend, driver = url.get_backend_name(), url.get_driver_name()
+        if backend == "postgresql" and driver in ("psycopg", "psycopg2"):
+            fix = 'pip install -e ".[postgres]"'
+        else:
+            fix = f"install the Python package of the {backend} driver {driver!r}"
+        raise StorageError(f"needs the database driver {e.name or driver}, which is not installed: {fix}") from None
+
+
+def open_storage(storage: str, heartbeat_interval: int | None = None,
+                 grace_period: int | None = None) -> optuna.storages.BaseStorage:
     """Open a journal file (created if missing; safe for several processes on one machine or a
-    shared file system) or an RDB URL (sqlite, PostgreSQL, MySQL: as Optuna takes it)."""
+    shared file system) or an RDB URL (sqlite, PostgreSQL, MySQL: as Optuna takes it; its driver
+    is checked first). ``heartbeat_interval`` / ``grace_period`` (seconds, RDB only) enable Optuna's
+    heartbeat: the sweeper records one for each trial it runs, and a RUNNING trial without one for
+    ``grace_period`` is stale (its sweep died)."""
     if is_rdb_url(storage):
-        return optuna.storages.get_storage(storage)
+        check_storage_driver(storage)
+        if heartbeat_interval is None:
+            return optuna.storages.get_storage(storage)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            rdb = optuna.storages.RDBStorage(storage, heartbeat_interval=heartbeat_interval, grace_period=grace_period)
+        return optuna.storages.get_storage(rdb)
     from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock, JournalStorage
 
     path = absolute_storage(storage)

@@ -28,6 +28,7 @@ import math
 import os
 import re
 import sys
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -35,12 +36,13 @@ import optuna
 import yaml
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator, NullFormatter
+from matplotlib.axes import Axes
+from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 from optuna.distributions import CategoricalDistribution
 from optuna.trial import FrozenTrial, TrialState
 
 from dph.plots import save_figure
-from dph.pruning import display_storage, is_rdb_url, open_storage
+from dph.pruning import StorageError, display_storage, is_rdb_url, open_storage
 
 log = logging.getLogger(__name__)
 
@@ -174,11 +176,57 @@ def _plot_history(study: optuna.Study, trials: list[FrozenTrial], names: list[st
     return save_figure(figure, path, dpi=100)
 
 
+def wrap_title(text: str, width_inches: float, points: float = 12.0) -> str:
+    """``text`` broken into lines that fit ``width_inches`` at a font of ``points`` (about 0.6 em a
+    character), at spaces or, in long names, after '/' '.' '_'."""
+    chars = max(12, int(width_inches * 72 / (0.6 * points)))
+    lines = []
+    for paragraph in text.split("\n"):
+        lines += textwrap.wrap(paragraph, chars, break_long_words=True, break_on_hyphens=False) or [""]
+    return "\n".join(lines)
+
+
+def _round_1sig(value: float, up: bool) -> float:
+    """``value`` (> 0) rounded down or up to one significant digit: 0.0137 -> 0.01 or 0.02."""
+    exponent = math.floor(math.log10(value))
+    scale = 10.0 ** exponent
+    digit = math.ceil(value / scale - 1e-9) if up else math.floor(value / scale + 1e-9)
+    return digit * scale
+
+
+def set_log_axis(ax: Axes, values: list[float], axis: str = "x") -> None:
+    """A log axis over ``values`` (> 0) with labelled major ticks however narrow their range: the
+    limits are rounded out to one significant digit, and the major ticks are decades (labelled
+    10^k) over more than two decades, else 1-2-5, 1-2-3-5 or every digit of each decade (labelled
+    0.02, 0.05, ...), so that at least two major ticks carry a label."""
+    low, high = min(values) / 1.1, max(values) * 1.1
+    low, high = _round_1sig(low, up=False), _round_1sig(high, up=True)
+    decades = math.log10(high / low)
+    target = ax.xaxis if axis == "x" else ax.yaxis
+    (ax.set_xscale if axis == "x" else ax.set_yscale)("log")
+    (ax.set_xlim if axis == "x" else ax.set_ylim)(low, high)
+    if decades > 2:
+        target.set_major_locator(LogLocator(base=10))
+    else:
+        subs = (1.0, 2.0, 5.0) if decades > 1 else (1.0, 2.0, 3.0, 5.0) if decades > 0.5 else tuple(range(1, 10))
+        target.set_major_locator(LogLocator(base=10, subs=subs))
+        target.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    target.set_minor_locator(LogLocator(base=10, subs=tuple(range(1, 10))))
+    target.set_minor_formatter(NullFormatter())
+
+
 def _plot_param(study: optuna.Study, trials: list[FrozenTrial], names: list[str], param: str,
                 categorical: list[str], log_x: bool, path: Path) -> Path:
-    """Objective(s) against ``param``, one row per categorical param (points coloured by its value)."""
+    return save_figure(param_figure(study, trials, names, param, categorical, log_x), path, dpi=100)
+
+
+def param_figure(study: optuna.Study, trials: list[FrozenTrial], names: list[str], param: str,
+                 categorical: list[str], log_x: bool) -> Figure:
+    """Objective(s) against ``param``, one row per categorical param (points coloured by its value,
+    the legend beside the axes so that it hides no point)."""
     rows = [c for c in categorical if c != param] or [None]
-    figure, axes = _new_figure(len(rows), len(names))
+    width = 4.8 + (1.6 if rows != [None] else 0.0)  # room for the legend right of the axes
+    figure, axes = _new_figure(len(rows), len(names), width=width)
     with_param = [t for t in trials if param in t.params]
     for row, colour_by in enumerate(rows):
         groups: dict[str, list[FrozenTrial]] = {}
@@ -190,15 +238,17 @@ def _plot_param(study: optuna.Study, trials: list[FrozenTrial], names: list[str]
             for colour, (label, group) in enumerate(sorted(groups.items())):
                 ax.scatter([t.params[param] for t in group], [t.values[index] for t in group], s=20,
                            color=f"C{colour}", label=label if colour_by is not None else None)
-            if log_x:
-                ax.set_xscale("log")
-                ax.xaxis.set_minor_formatter(NullFormatter())
-            ax.set(xlabel=param + (" (log)" if log_x else ""), ylabel=name,
-                   title=f"{name} vs {param}" + (f" by {colour_by}" if colour_by else ""))
+            if log_x and with_param:
+                set_log_axis(ax, [float(t.params[param]) for t in with_param])
+            ax.set(xlabel=param + (" (log scale)" if log_x else ""), ylabel=name)
+            if len(rows) > 1:
+                ax.set_title(wrap_title(f"by {colour_by}", 4.8, 11), fontsize="medium")
             if colour_by is not None and groups:
-                ax.legend(title=colour_by, fontsize="small", title_fontsize="small")
-    figure.suptitle(f"{study.study_name}: objective vs {param} ({len(with_param)} complete trials)")
-    return save_figure(figure, path, dpi=100)
+                ax.legend(title=colour_by, fontsize="small", title_fontsize="small", loc="upper left",
+                          bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
+    title = f"{study.study_name}: {' / '.join(names)} vs {param} ({len(with_param)} complete trials)"
+    figure.suptitle(wrap_title(title, width * len(names) - 0.4), fontsize="large")
+    return figure
 
 
 def _plot_pareto(study: optuna.Study, trials: list[FrozenTrial], names: list[str], path: Path) -> Path:
@@ -278,7 +328,10 @@ def main(argv: list[str] | None = None) -> int:
     if not is_rdb_url(args.storage) and not Path(args.storage).expanduser().is_file():
         parser.error(f"{args.storage} is not a file: give the sweep's journal file (<sweep dir>/optuna.journal) "
                      "or an RDB URL such as sqlite:///path/to/study.db")
-    storage = open_storage(args.storage)
+    try:
+        storage = open_storage(args.storage)
+    except StorageError as e:
+        parser.error(f"{display_storage(args.storage)} {e}")
     studies = optuna.get_all_study_names(storage)
     name = args.study
     if name is None:

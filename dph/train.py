@@ -72,10 +72,12 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """Validate, train (or resume) and evaluate; returns the run summary (the last value of every
     metric, the step-0 evaluation as `initial/...`, the split, the model directories)."""
     from dph import checkpoint
+    from dph.cluster import prepare_job_process
     from dph.loggers import NullLogger, build_logger
     from dph.plots import load_metrics, plot_run
     from dph.trainer import Trainer
 
+    prepare_job_process()  # submitit tasks: torch.distributed variables; this process's share of the CPU threads
     task, eval_sets = setup(cfg)
     resume_from = checkpoint.select(run_dir, cfg.trainer.resume, checkpoint.run_config(cfg))
     main_process = int(os.environ.get("RANK", "0")) == 0
@@ -229,11 +231,13 @@ def presample_main(cfg: DictConfig) -> None:
     dph-train runs it by itself when the divergence uses `source: reference` and no valid cache
     exists; running it first lets several runs or sweep trials start from a ready cache.
     """
+    from dph.cluster import prepare_job_process
     from dph.engines import build_engine
     from dph.models import load_policy, model_fingerprint, resolve_model_dir
     from dph.presample import load_or_build, split_metrics
     from dph.trainer import _max_model_len, _unique_tasks
 
+    prepare_job_process()
     try:
         task, eval_sets = setup(cfg)
     except ConfigError as e:

@@ -40,7 +40,6 @@ import copy
 import json
 import logging
 import math
-import os
 import random
 import time
 from collections.abc import Mapping
@@ -120,8 +119,6 @@ class Trainer:
         self.logger, self.reporter = logger, reporter
         self.acc = Accelerator(cpu=cfg.device == "cpu", mixed_precision=cfg.precision)
         self.ranks = Ranks(self.acc)
-        if self.acc.device.type == "cpu" and self.acc.num_processes > 1:
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // self.acc.num_processes))
         log.info("Training on %s with %d process(es)", self.acc.device, self.acc.num_processes)
 
         tasks = _unique_tasks([task, *(e.task for e in eval_sets)])

@@ -8,6 +8,7 @@ import csv
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import optuna
@@ -18,8 +19,9 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution, Int
 from optuna.trial import TrialState
 
 from dph.pruning import PRUNER_ATTR, TrialReporter, absolute_storage, display_storage, open_storage
+from dph.sweep_report import param_figure
 from hydra_plugins.dph_optuna_sweeper._impl import objective_values, trial_override
-from hydra_plugins.dph_optuna_sweeper._search_space import SearchSpace, SearchSpaceError, quote
+from hydra_plugins.dph_optuna_sweeper._search_space import SearchSpace, SearchSpaceError, fixed_overrides, quote
 
 ROOT = Path(__file__).resolve().parents[1]
 APP = ROOT / "tests" / "fixtures" / "toy_app" / "app.py"
@@ -129,6 +131,30 @@ def test_resume_runs_only_the_missing_trials_and_reruns_interrupted_ones(toy_swe
 
 
 @pytest.mark.slow
+def test_a_sweep_waits_for_a_running_trial_with_a_heartbeat_and_reruns_it_once_stale(tmp_path):
+    """On an RDB storage a RUNNING trial with a fresh heartbeat belongs to a sweep still running: it
+    is counted, and waited for; when its heartbeat stops for grace_period it is failed (interrupted,
+    not counted) and run again here."""
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    study = optuna.create_study(study_name=STUDY, storage=open_storage(storage, heartbeat_interval=1, grace_period=2),
+                                direction="maximize")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # Optuna: heartbeats are meant for study.optimize
+        other = study.ask()  # a trial of "another sweep", whose process then dies
+    study._storage.record_heartbeat(other._trial_id)
+    other.set_user_attr("heartbeat", True)
+    proc = run_sweep(tmp_path / "sweep", "hydra.sweeper.n_trials=1", f"hydra.sweeper.storage={storage}",
+                     "hydra.sweeper.heartbeat_interval=1", "hydra.sweeper.grace_period=2")
+    assert "waiting for trials [0] of another sweep" in proc.stdout
+    assert "trial 0 had no heartbeat for the grace period: marked FAIL (not counted)" in proc.stdout
+    trials = load_study(storage).trials
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE]
+    assert trials[0].user_attrs["interrupted"] is True and "grace_period=2 s" in trials[0].user_attrs["fail_reason"]
+    assert trials[1].user_attrs["heartbeat"] is True
+    assert read_summary(tmp_path / "sweep")["trials"] == {"total": 2, "counted": 1, "complete": 1, "fail": 1}
+
+
+@pytest.mark.slow
 def test_parallel_trials_with_the_joblib_launcher(tmp_path):
     sweep_dir = tmp_path / "sweep"
     proc = run_sweep(sweep_dir, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "hydra.sweeper.n_jobs=2",
@@ -224,6 +250,114 @@ def test_sweep_report_rebuilds_the_files_from_storage_alone(toy_sweep, tmp_path)
     assert read_summary(journal.parent)["best"] == original["best"]
     proc = subprocess.run([str(exe), str(tmp_path / "missing.journal")], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "is not a file" in proc.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("overrides, line", [
+    (["hydra.sweeper.n_trials=0"], "app: error: hydra.sweeper.n_trials=0 is not allowed: use an integer >= 1"),
+    (["hydra.sweeper.sampler.name=cmaes"], "app: error: hydra.sweeper.sampler.name='cmaes' is not a known sampler"),
+    (["hydra.sweeper.heartbeat_interval=60", "hydra.sweeper.grace_period=30"],
+     "app: error: hydra.sweeper.grace_period=30 must exceed hydra.sweeper.heartbeat_interval=60"),
+    (["divergence.weight=interval(1, 0)"], "app: error: hydra.sweeper.params: divergence.weight=interval(1, 0): the "
+                                           "interval is empty"),
+])
+def test_impossible_sweeper_settings_fail_in_one_line_before_any_trial(tmp_path, overrides, line):
+    sweep_dir = tmp_path / "sweep"
+    proc = run_sweep(sweep_dir, *overrides, expect_ok=False)
+    assert proc.returncode == 2
+    assert len(proc.stderr.strip().splitlines()) == 1 and proc.stderr.startswith(line), proc.stderr
+    assert not (sweep_dir / "optuna.journal").exists() and not (sweep_dir / "0").exists()
+
+
+@pytest.mark.slow
+def test_a_study_refuses_to_resume_with_other_fixed_overrides(tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    journal = sweep_dir / "optuna.journal"
+    run_sweep(sweep_dir, "steps=2", "hydra.sweeper.n_trials=1")
+    assert load_study(journal).user_attrs["fixed_overrides"] == {"hparams_search": "hparams_search=toy",
+                                                                 "steps": "steps=2"}
+
+    # Another fixed value (or a missing one) is refused in one line, naming the key and both ways on.
+    for overrides, change in ((["steps=3"], "steps: 2 -> 3"), ([], "steps: 2 -> (not set)")):
+        proc = run_sweep(sweep_dir, *overrides, "hydra.sweeper.n_trials=2", expect_ok=False)
+        assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        assert proc.stderr.startswith(f"app: error: study {STUDY} in {journal} was started with other fixed "
+                                      f"overrides ({change}): start a new study with another hydra.sweeper.study_name")
+        assert "hydra.sweep.dir" in proc.stderr and "hydra.sweeper.resume_with_changed_overrides=true" in proc.stderr
+        assert len(load_study(journal).trials) == 1 and not (sweep_dir / "1").exists()
+
+    # A narrower interval is not a fixed override: the study goes on. Other choices are refused
+    # (Optuna keeps a categorical's choices for the whole study), also in one line.
+    proc = run_sweep(sweep_dir, "steps=2", "hydra.sweeper.n_trials=2", "divergence=choice(js,alpha)", expect_ok=False)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert proc.stderr.startswith("app: error: hydra.sweeper.params: divergence was choice(none, js, alpha) in study "
+                                  "app, this sweep asks for choice(js, alpha)")
+    run_sweep(sweep_dir, "steps=2", "hydra.sweeper.n_trials=2", "divergence.weight=tag(log, interval(0.01, 0.1))")
+    assert len(load_study(journal).trials) == 2
+
+    # Asked to, it continues with the new value; the trials that ran with it say so.
+    run_sweep(sweep_dir, "steps=3", "hydra.sweeper.n_trials=3", "hydra.sweeper.resume_with_changed_overrides=true")
+    study = load_study(journal)
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 3
+    assert study.user_attrs["fixed_overrides"]["steps"] == "steps=2"  # what the study was started with
+    assert [t.user_attrs.get("fixed_overrides", {}).get("steps") for t in study.trials] == [None, None, "steps=3"]
+    assert sorted(study.trials[2].intermediate_values) == [0, 1, 2]
+
+
+@pytest.mark.slow
+def test_a_postgresql_storage_without_its_driver_fails_in_one_line(tmp_path):
+    """With the drivers made unimportable (as where the postgres extra is not installed), the sweep
+    and dph-sweep-report stop before any work, naming the extra; nothing is contacted."""
+    url = "postgresql://nobody@127.0.0.1:9/nowhere"
+    hide = "import runpy, sys; sys.modules['psycopg'] = sys.modules['psycopg2'] = None; "
+    sweep_dir = tmp_path / "sweep"
+    proc = subprocess.run([sys.executable, "-c", hide + "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], "
+                           "run_name='__main__')", str(APP), "-m", "hparams_search=toy", f"hydra.sweep.dir={sweep_dir}",
+                           f"hydra.sweeper.storage={url}"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert proc.stderr.startswith(f"app: error: hydra.sweeper.storage={url} needs the database driver psycopg, "
+                                  'which is not installed: pip install -e ".[postgres]"')
+    assert not (sweep_dir / "0").exists()
+
+    proc = subprocess.run([sys.executable, "-c", hide + "from dph.sweep_report import main; sys.exit(main())", url],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and 'pip install -e ".[postgres]"' in proc.stderr.splitlines()[-1]
+
+
+def test_fixed_overrides_leave_out_the_search_space_hydra_keys_and_the_trial():
+    overrides = OverridesParser.create().parse_overrides(
+        ["trainer.steps=2", "divergence=choice(js, alpha)", "divergence.weight=0.1", "~task.splits.ood",
+         "+extra.key=[1,2]", "hydra.sweeper.n_trials=3", "++trial={number:1}", "sweep=divergence_tpe"])
+    assert fixed_overrides(overrides, exclude=["divergence", "divergence.weight"]) == {
+        "extra.key": "+extra.key=[1,2]", "sweep": "sweep=divergence_tpe", "task.splits.ood": "~task.splits.ood",
+        "trainer.steps": "trainer.steps=2"}
+
+
+@pytest.mark.parametrize("weights", [(0.012, 0.03, 0.045, 0.07), (0.011, 0.013, 0.018), (0.05,), (0.002, 0.04, 0.9)])
+def test_the_log_axis_of_a_sweep_has_labelled_major_ticks_and_the_titles_fit(weights):
+    """Weights within one decade (or less, or a single one) still get at least two labelled major
+    ticks on the log x axis; the long title is wrapped inside the figure."""
+    study = optuna.create_study(direction="maximize", study_name="divergence_tpe_with_a_long_study_name")
+    choices = CategoricalDistribution(["none", "js", "alpha"])
+    weight = FloatDistribution(0.001, 1.0, log=True)
+    for i, w in enumerate(weights):
+        study.add_trial(optuna.trial.create_trial(params={"divergence": ["js", "alpha"][i % 2], "divergence.weight": w},
+                                                  distributions={"divergence": choices, "divergence.weight": weight},
+                                                  value=0.5 + 0.01 * i))
+    figure = param_figure(study, study.trials, ["eval/test/pass@8"], "divergence.weight", ["divergence"], log_x=True)
+    renderer = figure.canvas.get_renderer()
+    figure.canvas.draw()
+    ax = figure.axes[0]
+    assert ax.get_xscale() == "log"
+    low, high = ax.get_xlim()
+    assert low <= min(weights) and max(weights) <= high
+    labelled = [tick.label1.get_text() for tick in ax.xaxis.get_major_ticks()
+                if low <= tick.get_loc() <= high and tick.label1.get_visible() and tick.label1.get_text()]
+    assert len(labelled) >= 2, labelled
+    width = figure.bbox.width
+    for text in [figure._suptitle, ax.title, ax.xaxis.label, *ax.get_legend().get_texts()]:
+        box = text.get_window_extent(renderer)
+        assert 0 <= box.x0 and box.x1 <= width, text.get_text()
 
 
 # ------------------------------------------------------------------ search space

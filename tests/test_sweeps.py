@@ -86,10 +86,10 @@ def test_tpe_sweep_leaves_study_report_and_trial_runs(tpe_sweep):
         divergence = trial.params["divergence"]
         assert ("divergence.weight" in trial.params) == (divergence != "none")
         assert ("divergence.alpha" in trial.params) == (divergence == "alpha")
-        # W&B: one run per trial, grouped by study, named after the trial, the sampled params in its config
+        # W&B: one run per trial, grouped by study, the trial in its name, the sampled params in its config
         run_file = find_offline_run(job_dir / "wandb")
         info = read_run_info(run_file)
-        assert (info["group"], info["name"]) == ("divergence_tpe", f"trial-{trial.number}")
+        assert info["group"] == "divergence_tpe" and f"trial-{trial.number}" in info["name"].split()
         assert "divergence_tpe" in info["tags"]
         config = read_config(run_file)
         assert config["divergence"]["name"] == divergence
@@ -99,13 +99,38 @@ def test_tpe_sweep_leaves_study_report_and_trial_runs(tpe_sweep):
 
 def test_tpe_sweep_resumes_to_more_trials_without_rerunning(tpe_sweep, cache_dir):
     stamps = {n: (tpe_sweep / str(n) / "metrics.jsonl").stat().st_mtime_ns for n in range(3)}
-    sweep(cache_dir, tpe_sweep, "sweep=divergence_tpe", "hydra.sweeper.n_trials=4", "logger=none")
+    # logger=none instead of logger=wandb changes a fixed override: allowed only when asked for
+    sweep(cache_dir, tpe_sweep, "sweep=divergence_tpe", "hydra.sweeper.n_trials=4", "logger=none",
+          "hydra.sweeper.resume_with_changed_overrides=true")
     study = study_of(tpe_sweep, "divergence_tpe")
     assert [t.number for t in study.trials] == [0, 1, 2, 3]
     assert all(t.state == TrialState.COMPLETE for t in study.trials)
+    assert study.user_attrs["fixed_overrides"]["logger"] == "logger=wandb"
+    assert study.trials[3].user_attrs["fixed_overrides"]["logger"] == "logger=none"
     assert_trained(tpe_sweep / "3")
     assert {n: (tpe_sweep / str(n) / "metrics.jsonl").stat().st_mtime_ns for n in range(3)} == stamps
     assert yaml.safe_load((tpe_sweep / "summary.yaml").read_text())["trials"]["complete"] == 4
+
+
+def test_a_sweep_with_other_fixed_overrides_does_not_resume_the_study(cache_dir, tmp_path):
+    """The issue's case: a quick sweep with trainer.steps=2, then the same sweep with more steps.
+    The study records the overrides it was started with; the second sweep stops in one line before
+    any trial, so the quick trials never count toward the real sweep."""
+    sweep_dir = tmp_path / "sweep"
+    preset = ["hydra/sweeper=optuna", "hydra.sweeper.study_name=quick", "divergence=none",
+              "optimizer.lr=tag(log, interval(1e-5, 1e-3))", "hydra.sweeper.n_trials=1"]
+    sweep(cache_dir, sweep_dir, *preset)
+    assert study_of(sweep_dir, "quick").user_attrs["fixed_overrides"]["trainer.steps"] == "trainer.steps=2"
+
+    args = ["-m", *with_overrides(DPH, f"paths.cache_dir={cache_dir}", "trainer.steps=3"),
+            f"hydra.sweep.dir={sweep_dir}", *preset[:-1], "hydra.sweeper.n_trials=2"]
+    proc = run_cli(args, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        f"dph-train: error: study quick in {sweep_dir / 'optuna.journal'} was started with other fixed overrides "
+        "(trainer.steps: 2 -> 3): start a new study with another hydra.sweeper.study_name=... or "
+        "hydra.sweep.dir=..., or add hydra.sweeper.resume_with_changed_overrides=true to continue it anyway"]
+    assert len(study_of(sweep_dir, "quick").trials) == 1 and not (sweep_dir / "1").exists()
 
 
 def test_parallel_dph_trials_build_one_presampling_cache(cache_dir, tmp_path):

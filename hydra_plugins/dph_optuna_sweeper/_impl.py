@@ -1,10 +1,15 @@
 """The sweep loop: ask a batch of trials, launch their jobs, tell the results, refresh the report.
 
-1. The study is created once (``load_if_exists``) before any job starts; trials that an earlier,
-   killed sweep left RUNNING are told FAIL, flagged ``interrupted`` and not counted.
+1. The study is created once (``load_if_exists``) before any job starts, and records the sweep's
+   fixed command-line overrides (``FIXED_OVERRIDES_ATTR``); resuming it with other ones is refused
+   unless ``resume_with_changed_overrides``. Trials that an earlier, killed sweep left RUNNING are
+   told FAIL, flagged ``interrupted`` and not counted. On an RDB storage with a heartbeat, only the
+   stale ones (no heartbeat for ``grace_period``): the others belong to a sweep still running.
 2. While the study holds fewer than ``n_trials`` counted trials (COMPLETE, PRUNED, FAIL; RUNNING
    ones of a concurrent sweep on the same study are counted as well), ask ``n_jobs`` trials,
-   sample each define-by-run (parents first) and launch them through the configured launcher.
+   sample each define-by-run (parents first) and launch them through the configured launcher,
+   recording their heartbeats while they run (RDB storages). When every trial is counted but some
+   run in another sweep with a heartbeat, wait for them: one that goes stale is run again here.
    Job ``k`` of a batch gets the sampled overrides plus
    ``++trial={storage:'...',study_name:'...',number:<n>}`` (see dph.pruning) and runs in the
    sweep subdirectory numbered like the trial.
@@ -18,8 +23,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import threading
+import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -34,17 +42,20 @@ from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf
 from optuna.trial import TrialState
 
-from dph.pruning import (JOURNAL_FILE, PRUNER_ATTR, absolute_storage, build_pruner, display_storage, is_rdb_url,
-                         open_storage)
+from dph.pruning import (JOURNAL_FILE, PRUNER_ATTR, StorageError, absolute_storage, build_pruner,
+                         check_storage_driver, display_storage, is_rdb_url, open_storage)
 from dph.sweep_report import (FAIL_REASON_ATTR, INTERRUPTED_ATTR, JOB_DIR_ATTR, OVERRIDES_ATTR, counts_toward_n_trials,
                               write_report)
 
-from ._search_space import SearchSpace, SearchSpaceError, param_text, quote
+from ._errors import SweepConfigError
+from ._search_space import SearchSpace, SearchSpaceError, fixed_overrides, param_text, quote
 
 log = logging.getLogger(__name__)
 
 DIRECTIONS = ("maximize", "minimize")
 MAX_REASON_CHARS = 2000
+FIXED_OVERRIDES_ATTR = "fixed_overrides"   # study (and changed-resume trial) user attribute: name -> override
+HEARTBEAT_ATTR = "heartbeat"               # trial user attribute: its sweep records its heartbeat
 
 
 def _tpe(seed: int | None, space: SearchSpace, kwargs: Mapping[str, Any]) -> optuna.samplers.BaseSampler:
@@ -110,7 +121,8 @@ class OptunaSweeperImpl(Sweeper):
                  direction: str = "maximize", directions: Sequence[str] | None = None, n_trials: int = 20,
                  n_jobs: int = 1, storage: str | None = None, study_name: str = "dph",
                  max_failure_rate: float = 0.0, sampler: Mapping[str, Any] | None = None,
-                 pruner: Mapping[str, Any] | None = None) -> None:
+                 pruner: Mapping[str, Any] | None = None, heartbeat_interval: int | None = 60,
+                 grace_period: int | None = 180, resume_with_changed_overrides: bool = False) -> None:
         self.params = dict(params or {})
         self.conditional = _plain(conditional)
         self.directions = [str(d) for d in directions] if directions else [str(direction)]
@@ -121,6 +133,11 @@ class OptunaSweeperImpl(Sweeper):
         self.max_failure_rate = max_failure_rate
         self.sampler_cfg = {"name": "tpe", "seed": 0, "kwargs": {}, **_plain(sampler)}
         self.pruner_cfg = {"name": "none", **_plain(pruner)}
+        self.heartbeat_interval = heartbeat_interval
+        self.grace_period = grace_period
+        self.resume_with_changed_overrides = resume_with_changed_overrides
+        self.heartbeat = False              # whether this sweep's storage records heartbeats (RDB only)
+        self.changed_overrides: dict[str, str] | None = None   # set on a resume allowed to change them
         self.hydra_context: HydraContext | None = None
         self.config: DictConfig | None = None
         self.launcher = None
@@ -138,36 +155,63 @@ class OptunaSweeperImpl(Sweeper):
         """Impossible settings fail here, before any trial, with the key and the fix."""
         bad = [d for d in self.directions if d not in DIRECTIONS]
         if bad:
-            raise ValueError(f"hydra.sweeper.direction(s)={self.directions} is not allowed: use maximize or minimize")
+            raise SweepConfigError(f"hydra.sweeper.direction(s)={self.directions} is not allowed: use maximize or minimize")
         if not isinstance(self.n_trials, int) or self.n_trials < 1:
-            raise ValueError(f"hydra.sweeper.n_trials={self.n_trials!r} is not allowed: use an integer >= 1")
+            raise SweepConfigError(f"hydra.sweeper.n_trials={self.n_trials!r} is not allowed: use an integer >= 1")
         if not isinstance(self.n_jobs, int) or self.n_jobs < 1:
-            raise ValueError(f"hydra.sweeper.n_jobs={self.n_jobs!r} is not allowed: use an integer >= 1")
+            raise SweepConfigError(f"hydra.sweeper.n_jobs={self.n_jobs!r} is not allowed: use an integer >= 1")
         if not 0.0 <= float(self.max_failure_rate) <= 1.0:
-            raise ValueError(f"hydra.sweeper.max_failure_rate={self.max_failure_rate!r} is not allowed: use a number in [0, 1]")
+            raise SweepConfigError(f"hydra.sweeper.max_failure_rate={self.max_failure_rate!r} is not allowed: "
+                                   "use a number in [0, 1]")
         name = self.sampler_cfg.get("name")
         if name not in SAMPLERS:
-            raise ValueError(f"hydra.sweeper.sampler.name={name!r} is not a known sampler: choose one of {', '.join(SAMPLERS)}")
-        build_pruner(self.pruner_cfg)  # an unknown name raises here
+            raise SweepConfigError(f"hydra.sweeper.sampler.name={name!r} is not a known sampler: "
+                                   f"choose one of {', '.join(SAMPLERS)}")
+        try:
+            build_pruner(self.pruner_cfg)  # an unknown name raises here
+        except ValueError as e:
+            raise SweepConfigError(str(e)) from None
+        for key in ("heartbeat_interval", "grace_period"):
+            value = getattr(self, key)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise SweepConfigError(f"hydra.sweeper.{key}={value!r} is not allowed: use a whole number of "
+                                       "seconds >= 1 (or null)")
+        if self.heartbeat_interval and self.grace_period and self.grace_period <= self.heartbeat_interval:
+            raise SweepConfigError(f"hydra.sweeper.grace_period={self.grace_period} must exceed "
+                                   f"hydra.sweeper.heartbeat_interval={self.heartbeat_interval}: a live trial would "
+                                   "be failed between two heartbeats (use e.g. 3x the interval)")
         if len(self.directions) > 1 and self.pruner_cfg.get("name", "none") != "none":
-            raise ValueError("hydra.sweeper.pruner needs a single objective (Optuna cannot prune multi-objective "
-                             "trials): set hydra.sweeper.pruner.name=none or use one direction")
+            raise SweepConfigError("hydra.sweeper.pruner needs a single objective (Optuna cannot prune multi-objective "
+                                   "trials): set hydra.sweeper.pruner.name=none or use one direction")
+        if self.storage and is_rdb_url(str(self.storage)):
+            try:
+                check_storage_driver(str(self.storage))
+            except StorageError as e:
+                raise SweepConfigError(f"hydra.sweeper.storage={display_storage(str(self.storage))} {e}") from None
 
-    def _search_space(self, arguments: list[str]) -> SearchSpace:
+    def _search_space(self, arguments: list[str]) -> tuple[SearchSpace, dict[str, str]]:
+        """The search space (hydra.sweeper.params, then the command line's overrides) and the fixed
+        overrides of the command line that are not search-space parameters (see fixed_overrides)."""
         for key, value in self.params.items():
             if OmegaConf.is_dict(value) or isinstance(value, Mapping):
                 raise SearchSpaceError(f"hydra.sweeper.params.{key} is a mapping: write dotted keys "
                                        f"(e.g. {key}.weight: interval(0, 1)), one per parameter")
-        lines = [f"{key}={param_text(value)}" for key, value in self.params.items()] + list(arguments)
+        lines = [f"{key}={param_text(value)}" for key, value in self.params.items()]
         assert self.hydra_context is not None
         parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
-        return SearchSpace.from_overrides(parser.parse_overrides(lines), self.conditional)
+        from_params, from_arguments = parser.parse_overrides(lines), parser.parse_overrides(list(arguments))
+        space = SearchSpace.from_overrides(from_params + from_arguments, self.conditional)
+        space_names = [p.name for p in SearchSpace.from_overrides(from_params).params]
+        return space, fixed_overrides(from_arguments, exclude=space_names)
 
     # ------------------------------------------------------------------ sweep
     def sweep(self, arguments: list[str]) -> list[Sequence[JobReturn]]:
         assert self.config is not None and self.launcher is not None
+        # Optuna's own messages go through Hydra's logging (the sweep's log), not to a handler of their own.
+        optuna.logging.disable_default_handler()
+        optuna.logging.enable_propagation()
         self._check_settings()
-        space = self._search_space(arguments)
+        space, fixed = self._search_space(arguments)
         n_trials = self.n_trials
         if self.sampler_cfg["name"] == "grid" and space.grid_size() < n_trials:
             log.warning("the grid has %d points: running %d trials, not hydra.sweeper.n_trials=%d",
@@ -177,25 +221,31 @@ class OptunaSweeperImpl(Sweeper):
         sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
         storage_url = absolute_storage(self.storage or str(sweep_dir / JOURNAL_FILE))
-        study = self._open_study(storage_url, space)
+        study = self._open_study(storage_url, space, fixed)
         log.info("optuna sweep: study %s in %s, %d of %d trials already counted, batches of %d",
                  self.study_name, display_storage(storage_url), self._n_counted(study), n_trials, self.n_jobs)
 
         returns: list[Sequence[JobReturn]] = []
         finished = failed = 0
-        while (n_left := n_trials - self._n_counted(study)) > 0:
-            batch = [study.ask() for _ in range(min(self.n_jobs, n_left))]
+        while (n_left := n_trials - self._n_counted(study)) > 0 or self._wait_for_other_sweeps(study):
+            if n_left <= 0:
+                continue  # a trial of another sweep went stale: run it again here
+            batch = [self._ask(study) for _ in range(min(self.n_jobs, n_left))]
             job_overrides = []
             for trial in batch:
                 overrides = space.overrides(space.suggest(trial))
                 trial.set_user_attr(OVERRIDES_ATTR, overrides)
+                if self.changed_overrides is not None:
+                    trial.set_user_attr(FIXED_OVERRIDES_ATTR, self.changed_overrides)
                 job_overrides.append(overrides + [trial_override(storage_url, self.study_name, trial.number)])
-            results = self._launch(study, batch, job_overrides)
+            with self._heartbeats([trial._trial_id for trial in batch]):
+                results = self._launch(study, batch, job_overrides)
             states = [self._tell(study, trial, result) for trial, result in zip(batch, results)]
             returns.append(results)
             finished += len(states)
             failed += states.count(TrialState.FAIL)
             self._report(study, sweep_dir, storage_url)
+            self._fail_stale_trials(study)
             if failed / finished > self.max_failure_rate:
                 raise RuntimeError(f"{failed} of {finished} trials of this sweep failed, more than "
                                    f"hydra.sweeper.max_failure_rate={self.max_failure_rate}: see fail_reason in "
@@ -204,24 +254,36 @@ class OptunaSweeperImpl(Sweeper):
         self._log_best(study)
         return returns
 
-    def _open_study(self, storage_url: str, space: SearchSpace) -> optuna.Study:
-        """Create or load the study (once, before any job), fail the trials an earlier killed sweep
-        left RUNNING, and give it this sweep's sampler and pruner settings."""
+    def _open_study(self, storage_url: str, space: SearchSpace, fixed: dict[str, str]) -> optuna.Study:
+        """Create or load the study (once, before any job), check that it was started with the same
+        fixed overrides, fail the trials an earlier killed sweep left RUNNING, and give it this
+        sweep's sampler and pruner settings."""
         local_file = storage_url[len("sqlite:///"):] if storage_url.startswith("sqlite:///") else storage_url
         if not is_rdb_url(local_file):
             Path(local_file).parent.mkdir(parents=True, exist_ok=True)
-        self.storage_obj = open_storage(storage_url)
+        self.heartbeat = is_rdb_url(storage_url) and self.heartbeat_interval is not None
+        try:
+            self.storage_obj = open_storage(storage_url, self.heartbeat_interval if self.heartbeat else None,
+                                            self.grace_period if self.heartbeat else None)
+        except StorageError as e:
+            raise SweepConfigError(f"hydra.sweeper.storage={display_storage(storage_url)} {e}") from None
         study = optuna.create_study(storage=self.storage_obj, study_name=self.study_name,
                                     directions=self.directions, load_if_exists=True)
         wanted = [optuna.study.StudyDirection[d.upper()] for d in self.directions]
         if list(study.directions) != wanted:
-            raise ValueError(f"study {self.study_name} in {display_storage(storage_url)} has directions "
-                             f"{[d.name.lower() for d in study.directions]}, this sweep asks for {self.directions}: "
-                             "use another hydra.sweeper.study_name (or storage), or the study's directions")
+            raise SweepConfigError(f"study {self.study_name} in {display_storage(storage_url)} has directions "
+                                   f"{[d.name.lower() for d in study.directions]}, this sweep asks for "
+                                   f"{self.directions}: use another hydra.sweeper.study_name (or storage), or the "
+                                   "study's directions")
         self.study_id = self.storage_obj.get_study_id_from_name(self.study_name)
+        self._check_fixed_overrides(study, fixed, storage_url)
+        self._check_search_space(study, space)
         study.set_user_attr(PRUNER_ATTR, self.pruner_cfg)
         self._set_metric_names(study)
+        self._fail_stale_trials(study)
         for stale in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            if self.heartbeat and stale.user_attrs.get(HEARTBEAT_ATTR):
+                continue  # its sweep records heartbeats: it is running, or will go stale after grace_period
             self._fail(study, stale.number, "left RUNNING by an earlier sweep that did not finish; not counted",
                        interrupted=True)
             log.warning("trial %d was left RUNNING by an earlier sweep: marked FAIL (not counted)", stale.number)
@@ -230,6 +292,121 @@ class OptunaSweeperImpl(Sweeper):
         seed = None if seed is None else int(seed) + len(study.get_trials(deepcopy=False))
         study.sampler = SAMPLERS[self.sampler_cfg["name"]](seed, space, dict(self.sampler_cfg.get("kwargs") or {}))
         return study
+
+    def _check_fixed_overrides(self, study: optuna.Study, fixed: dict[str, str], storage_url: str) -> None:
+        """Record the fixed overrides in a new study; refuse to resume a study started with other
+        ones (its trials would not be comparable) unless resume_with_changed_overrides is set."""
+        recorded = study.user_attrs.get(FIXED_OVERRIDES_ATTR)
+        if recorded is None:
+            study.set_user_attr(FIXED_OVERRIDES_ATTR, fixed)
+            if study.get_trials(deepcopy=False):
+                log.info("study %s had no record of its fixed overrides: recorded this sweep's %s",
+                         self.study_name, sorted(fixed.values()))
+            return
+        if recorded == fixed:
+            return
+        changes = "; ".join(f"{key}: {_value_of(recorded.get(key))} -> {_value_of(fixed.get(key))}"
+                            for key in sorted(set(recorded) | set(fixed)) if recorded.get(key) != fixed.get(key))
+        if not self.resume_with_changed_overrides:
+            raise SweepConfigError(
+                f"study {self.study_name} in {display_storage(storage_url)} was started with other fixed overrides "
+                f"({changes}): start a new study with another hydra.sweeper.study_name=... or hydra.sweep.dir=..., "
+                "or add hydra.sweeper.resume_with_changed_overrides=true to continue it anyway")
+        log.warning("resuming study %s with changed fixed overrides (%s): its new trials record them in the user "
+                    "attribute %s", self.study_name, changes, FIXED_OVERRIDES_ATTR)
+        self.changed_overrides = fixed
+
+    def _check_search_space(self, study: optuna.Study, space: SearchSpace) -> None:
+        """A resumed study keeps each parameter's kind, log scale and, for a choice, its values
+        (Optuna refuses the first suggest otherwise, with a trial left RUNNING): say so up front."""
+        recorded: dict[str, Any] = {}
+        for trial in study.get_trials(deepcopy=False):
+            for name, distribution in trial.distributions.items():
+                recorded.setdefault(name, distribution)
+        for param in space.sampled:
+            if param.name not in recorded:
+                continue
+            try:
+                optuna.distributions.check_distribution_compatibility(recorded[param.name], param.distribution)
+            except ValueError as e:
+                raise SweepConfigError(
+                    f"hydra.sweeper.params: {param.name} was {_describe(recorded[param.name])} in study "
+                    f"{self.study_name}, this sweep asks for {_describe(param.distribution)} ({e}): keep the study's, "
+                    "or start a new study with another hydra.sweeper.study_name=... or hydra.sweep.dir=...") from None
+
+    # ------------------------------------------------------------------ heartbeats (RDB storages)
+    def _ask(self, study: optuna.Study) -> optuna.Trial:
+        """A new trial; with a heartbeat, its first heartbeat is recorded at once and the trial flagged,
+        so that it is failed after grace_period if this sweep dies."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "heartbeat is supposed to be used with optimize"
+            trial = study.ask()
+        if self.heartbeat:
+            self.storage_obj.record_heartbeat(trial._trial_id)
+            trial.set_user_attr(HEARTBEAT_ATTR, True)
+        return trial
+
+    @contextlib.contextmanager
+    def _heartbeats(self, trial_ids: list[int]):
+        """Record the heartbeat of ``trial_ids`` every heartbeat_interval seconds while the block runs."""
+        if not self.heartbeat:
+            yield
+            return
+        stop = threading.Event()
+
+        def beat() -> None:
+            while not stop.wait(self.heartbeat_interval):
+                for trial_id in trial_ids:
+                    try:
+                        self.storage_obj.record_heartbeat(trial_id)
+                    except Exception:  # noqa: BLE001 - a missed heartbeat is retried; grace_period covers a few
+                        log.warning("could not record the heartbeat of trial id %d", trial_id, exc_info=True)
+
+        thread = threading.Thread(target=beat, name="optuna-heartbeat", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
+
+    def _fail_stale_trials(self, study: optuna.Study) -> list[int]:
+        """Optuna's fail_stale_trials, with the reason and the ``interrupted`` flag recorded first (an
+        RDB storage refuses attributes on a finished trial): RUNNING trials whose heartbeat is older
+        than grace_period are told FAIL and not counted, so that they are run again."""
+        if not self.heartbeat:
+            return []
+        failed = []
+        for trial_id in self.storage_obj._get_stale_trial_ids(self.study_id):
+            number = self.storage_obj.get_trial_number_from_id(trial_id)
+            try:
+                self._fail(study, number, f"no heartbeat for more than hydra.sweeper.grace_period="
+                           f"{self.grace_period or 2 * self.heartbeat_interval} s: the process of its sweep died; "
+                           "not counted", interrupted=True)
+            except optuna.exceptions.UpdateFinishedTrialError:
+                continue  # another sweep failed (or a late job finished) it first
+            log.warning("trial %d had no heartbeat for the grace period: marked FAIL (not counted)", number)
+            failed.append(number)
+        return failed
+
+    def _wait_for_other_sweeps(self, study: optuna.Study) -> bool:
+        """Every trial is counted: wait while trials of another sweep (with a heartbeat) still run.
+        True when one of them went stale (and so another trial is needed), False when none is left."""
+        if not self.heartbeat:
+            return False
+        announced = False
+        while True:
+            if self._fail_stale_trials(study):
+                return True
+            running = [t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+                       if t.user_attrs.get(HEARTBEAT_ATTR)]
+            if not running:
+                return False
+            if not announced:
+                log.info("waiting for trials %s of another sweep of study %s (failed and run again here if their "
+                         "heartbeat stops for hydra.sweeper.grace_period)", running, self.study_name)
+                announced = True
+            time.sleep(min(self.heartbeat_interval, 10))
 
     def _launch(self, study: optuna.Study, batch: list[optuna.Trial], job_overrides: list[list[str]]) -> Sequence[JobReturn]:
         numbers = [trial.number for trial in batch]
@@ -310,6 +487,21 @@ class OptunaSweeperImpl(Sweeper):
             log.info("best trial %d: %.6g with %s", best.number, best.value, best.params)
         else:
             log.info("Pareto front: trials %s", [t.number for t in study.best_trials])
+
+
+def _describe(distribution: optuna.distributions.BaseDistribution) -> str:
+    if isinstance(distribution, optuna.distributions.CategoricalDistribution):
+        return f"choice({', '.join(map(str, distribution.choices))})"
+    kind = "log " if getattr(distribution, "log", False) else ""
+    return f"a {kind}{type(distribution).__name__.removesuffix('Distribution').lower()} in " \
+           f"[{distribution.low}, {distribution.high}]"
+
+
+def _value_of(override: str | None) -> str:
+    """The value part of a recorded override, for messages: '(not set)' when absent."""
+    if override is None:
+        return "(not set)"
+    return override.split("=", 1)[1] if "=" in override else "(deleted)"
 
 
 def _plain(cfg: Any) -> dict[str, Any]:

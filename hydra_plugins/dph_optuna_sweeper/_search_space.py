@@ -20,8 +20,10 @@ from typing import Any
 
 from hydra.core.override_parser.types import IntervalSweep, Override, RangeSweep, Transformer
 
+from ._errors import SweepConfigError
 
-class SearchSpaceError(ValueError):
+
+class SearchSpaceError(SweepConfigError):
     """An impossible hydra.sweeper.params / conditional entry; the message names it and the fix."""
 
 
@@ -256,3 +258,19 @@ def _parents_first(params: list[Param]) -> list[Param]:
         placed.add(ready.name)
         pending.remove(ready)
     return ordered
+
+
+def fixed_overrides(overrides: Sequence[Override], exclude: Sequence[str] = ()) -> dict[str, str]:
+    """name -> override text of the overrides that give a fixed value (no sweep), leaving out
+    ``hydra.*`` keys, the ``trial`` key the sweeper sets, and the names in ``exclude`` (the search
+    space's parameters): what a study records as the setting all its trials share."""
+    fixed: dict[str, str] = {}
+    for override in overrides:
+        if override.is_sweep_override():
+            continue
+        param = _param(override)
+        key = param.name.split(":")[-1]
+        if key == "hydra" or key.startswith(("hydra.", "hydra/")) or key == "trial" or param.name in exclude:
+            continue
+        fixed[param.name] = param.fixed_override
+    return dict(sorted(fixed.items()))

@@ -73,9 +73,19 @@ class OptunaSweeperConf:
     # a URL (sqlite:///..., postgresql://user@host/db): Optuna's RDB storage. Keep passwords in
     # ~/.pgpass or PGPASSWORD: the URL is given to every trial (and saved in its config).
     storage: Optional[str] = None
-    study_name: str = "${hydra.job.name}"   # the same storage and study name resume a study
+    study_name: str = "${hydra.job.name}"   # the same storage and study name resume a study (same fixed overrides)
     # The sweep stops (with an error) once more than this fraction of its finished trials failed.
     max_failure_rate: float = 0.0
+    # RDB storages (sqlite, postgresql): the sweeper records a heartbeat of each trial it runs every
+    # heartbeat_interval seconds; a RUNNING trial without one for grace_period seconds (its sweep
+    # was killed) is told FAIL, flagged interrupted, not counted, and run again by any sweep of the
+    # study. null: no heartbeat (a resumed sweep then fails every RUNNING trial, as with journals).
+    heartbeat_interval: Optional[int] = 60
+    grace_period: Optional[int] = 180        # > heartbeat_interval; null: 2 x heartbeat_interval
+    # A study records the fixed overrides of the command line that started it (not hydra.*, not the
+    # search space); a resumed sweep with other ones is refused, since its trials would optimize
+    # another objective. true: continue anyway (new trials record theirs in user attr fixed_overrides).
+    resume_with_changed_overrides: bool = False
     sampler: SamplerConf = field(default_factory=SamplerConf)
     pruner: PrunerConf = field(default_factory=PrunerConf)
 
