@@ -148,3 +148,53 @@ def test_the_trained_policy_loads_and_trains_further(references, cache_dir, tmp_
     assert not (further / "model").exists()
     first = read_jsonl(further / "metrics.jsonl")[0]
     assert first["eval/test/pass@1"] == read_jsonl(run_dir / "metrics.jsonl")[-1]["eval/test/pass@1"]
+
+
+# ---------------------------------------------------------------------------- sweeps
+def sweep_command(cache_dir: Path, sweep_dir: Path, *overrides: str) -> list[str]:
+    return ["-m", *with_overrides(BASE, f"paths.cache_dir={cache_dir}"), f"hydra.sweep.dir={sweep_dir}", *overrides]
+
+
+def kill_sweep(args: list[str], cwd: Path, point: str, count: int) -> None:
+    """Run a sweep (its jobs in its own process: the basic launcher) and SIGKILL it mid-trial."""
+    command = [sys.executable, str(ROOT / "tests" / "kill_at.py"), point, str(count), *args]
+    killed = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=600)
+    assert killed.returncode == -9, killed.stderr[-3000:]
+
+
+def test_a_killed_optuna_sweep_resumes_its_interrupted_trial_from_its_checkpoint(tiny_model, cache_dir, tmp_path):
+    import optuna
+
+    from dph.pruning import open_storage
+
+    sweep_dir = tmp_path / "sweep"
+    args = sweep_command(cache_dir, sweep_dir, "experiment=grpo", "hydra/sweeper=optuna", "hydra.sweeper.n_trials=2",
+                         "hydra.sweeper.study_name=resume", "optimizer.lr=interval(1e-3, 3e-3)")
+    kill_sweep(args, tmp_path, "update", 4 * 2 + 5)  # trial 1 (4 steps x 2 updates each), inside its step 3
+    result = run_cli(args, cwd=tmp_path, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    study = optuna.load_study(study_name="resume", storage=open_storage(str(sweep_dir / "optuna.journal")))
+    states = [(t.number, t.state.name, t.user_attrs.get("interrupted", False)) for t in study.trials]
+    assert states == [(0, "COMPLETE", False), (1, "FAIL", True), (2, "COMPLETE", False)]
+    retry = study.trials[2]
+    assert retry.params == study.trials[1].params and retry.user_attrs["resumes_trial"] == 1
+    assert retry.user_attrs["job_dir"] == str(sweep_dir / "1") and not (sweep_dir / "2").exists()
+    assert "step-000002: step 2 of 4" in (sweep_dir / "1" / "train.log").read_text()
+    steps = [r["train/step"] for r in read_jsonl(sweep_dir / "1" / "metrics.jsonl")]
+    assert steps == [0, 1, 2, 2, 3, 4, 4]  # each step once
+    assert retry.value == read_jsonl(sweep_dir / "1" / "metrics.jsonl")[-1]["eval/test/pass@8"]
+
+
+def test_a_killed_grid_resumes_each_job(tiny_model, cache_dir, tmp_path):
+    """A grid (the basic sweeper) run again in the same sweep directory: the finished job returns at
+    once from its last checkpoint, the interrupted one resumes from its own."""
+    sweep_dir = tmp_path / "grid"
+    args = sweep_command(cache_dir, sweep_dir, "experiment=grpo,dapo")
+    kill_sweep(args, tmp_path, "update", 4 * 2 + 5)  # the second job, inside its step 3
+    first = (sweep_dir / "0" / "metrics.jsonl").read_text()
+    result = run_cli(args, cwd=tmp_path, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (sweep_dir / "0" / "metrics.jsonl").read_text() == first  # nothing of job 0 ran again
+    assert "step-000004: step 4 of 4" in (sweep_dir / "0" / "train.log").read_text()
+    assert "step-000002: step 2 of 4" in (sweep_dir / "1" / "train.log").read_text()
+    assert [r["train/step"] for r in read_jsonl(sweep_dir / "1" / "metrics.jsonl")] == [0, 1, 2, 2, 3, 4, 4]

@@ -4,7 +4,9 @@
    fixed command-line overrides (``FIXED_OVERRIDES_ATTR``); resuming it with other ones is refused
    unless ``resume_with_changed_overrides``. Trials that an earlier, killed sweep left RUNNING are
    told FAIL, flagged ``interrupted`` and not counted. On an RDB storage with a heartbeat, only the
-   stale ones (no heartbeat for ``grace_period``): the others belong to a sweep still running.
+   stale ones (no heartbeat for ``grace_period``): the others belong to a sweep still running. An
+   interrupted trial's parameters are queued for the next trial, which runs in the interrupted
+   one's job directory, so that dph-train resumes it from its newest checkpoint.
 2. While the study holds fewer than ``n_trials`` counted trials (COMPLETE, PRUNED, FAIL; RUNNING
    ones of a concurrent sweep on the same study are counted as well), ask ``n_jobs`` trials,
    sample each define-by-run (parents first) and launch them through the configured launcher,
@@ -54,6 +56,7 @@ log = logging.getLogger(__name__)
 
 DIRECTIONS = ("maximize", "minimize")
 MAX_REASON_CHARS = 2000
+RESUMES_ATTR = "resumes_trial"  # user attribute: the interrupted trial (and job directory) this trial continues
 FIXED_OVERRIDES_ATTR = "fixed_overrides"   # study (and changed-resume trial) user attribute: name -> override
 HEARTBEAT_ATTR = "heartbeat"               # trial user attribute: its sweep records its heartbeat
 
@@ -237,6 +240,11 @@ class OptunaSweeperImpl(Sweeper):
                 trial.set_user_attr(OVERRIDES_ATTR, overrides)
                 if self.changed_overrides is not None:
                     trial.set_user_attr(FIXED_OVERRIDES_ATTR, self.changed_overrides)
+                resumes = trial.user_attrs.get(RESUMES_ATTR)
+                if resumes is not None:  # an interrupted trial again, in its own directory: it resumes there
+                    overrides = [*overrides, f"hydra.sweep.subdir={resumes}"]
+                    log.info("trial %d continues interrupted trial %d in its directory (from its checkpoint)",
+                             trial.number, resumes)
                 job_overrides.append(overrides + [trial_override(storage_url, self.study_name, trial.number)])
             with self._heartbeats([trial._trial_id for trial in batch]):
                 results = self._launch(study, batch, job_overrides)
@@ -452,7 +460,18 @@ class OptunaSweeperImpl(Sweeper):
         if interrupted:
             self.storage_obj.set_trial_user_attr(trial_id, INTERRUPTED_ATTR, True)
         study.tell(number, state=TrialState.FAIL, skip_if_finished=True)
+        if interrupted:
+            self._rerun(study, trial_id, number)
         return TrialState.FAIL
+
+    def _rerun(self, study: optuna.Study, trial_id: int, number: int) -> None:
+        """Queue an interrupted trial's parameters for the next trial, which runs in the interrupted
+        one's job directory: dph-train resumes there from its newest checkpoint."""
+        frozen = self.storage_obj.get_trial(trial_id)
+        if not frozen.params:
+            return  # never sampled: nothing to resume
+        job = frozen.user_attrs.get(RESUMES_ATTR, number)  # a retry that was interrupted too: the first directory
+        study.enqueue_trial(frozen.params, user_attrs={RESUMES_ATTR: job}, skip_if_exists=False)
 
     # ------------------------------------------------------------------ bookkeeping
     @staticmethod
