@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from omegaconf import OmegaConf
 
 from conftest import BAD_VALUES, TINY_OVERRIDES, compose_config, read_jsonl, run_cli, with_overrides
@@ -182,26 +183,47 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_process_accelerate_run_on_cpu(tiny_model, cache_dir, tmp_path):
-    run_dir = tmp_path / "run"
+def _two_processes(overrides: list[str], cwd: Path) -> str:
     accelerate = Path(sys.executable).parent / "accelerate"
-    overrides = with_overrides(TINY_OVERRIDES, "divergence=reverse_kl", "logger=wandb", "device=cpu",
-                               f"paths.cache_dir={cache_dir}", f"hydra.run.dir={run_dir}")
     command = [
         str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
         "-m", "dph.train", *overrides,
     ]
-    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=400,
+    result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=400,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-4000:]
     # Accelerate's process group holds both ranks (it cannot form with one).
     assert "with 2 process(es)" in output, output[-4000:]
+    return output
+
+
+def test_two_process_accelerate_run_checkpoints_and_resumes_on_cpu(tiny_model, cache_dir, tmp_path):
+    """Two ranks (gloo): rank 0 alone logs and writes checkpoints, each rank saves and restores its
+    own RNG state; a run of 2 steps resumed to 3 equals a run of 3 steps."""
+    from safetensors.torch import load_file
+
+    from conftest import DPH
+
+    base = with_overrides(DPH, "experiment=grpo_kl", "logger=wandb", "device=cpu", "trainer.checkpoint_every=1",
+                          "eval.every=1", "optimizer.lr=2e-3", f"paths.cache_dir={cache_dir}")
+    run_dir, reference = tmp_path / "run", tmp_path / "reference"
+    _two_processes([*base, "trainer.steps=2", f"hydra.run.dir={run_dir}"], tmp_path)
     assert len(list(tmp_path.rglob("metrics.jsonl"))) == 1  # rank 0 alone logs
-    records = read_jsonl(run_dir / "metrics.jsonl")
-    _check_metrics(records)  # each step once: rank 1 wrote nothing
+    assert [r["train/step"] for r in read_jsonl(run_dir / "metrics.jsonl")] == [0, 1, 1, 2, 2]  # rank 1 wrote nothing
     find_offline_run(run_dir / "wandb")  # exactly one W&B run
+    assert sorted(p.name for p in (run_dir / "checkpoints" / "step-000002").glob("random_states_*")) == [
+        "random_states_0.pkl", "random_states_1.pkl"]
+
+    output = _two_processes([*base, "trainer.steps=3", f"hydra.run.dir={run_dir}"], tmp_path)
+    assert "Resuming from checkpoint" in output and "step 2 of 3" in output
+    _two_processes([*base, "trainer.steps=3", f"hydra.run.dir={reference}"], tmp_path)
+    rows = [[{k: v for k, v in r.items() if not k.startswith("time/")} for r in read_jsonl(d / "metrics.jsonl")]
+            for d in (run_dir, reference)]
+    assert rows[0] == rows[1] and [r["train/step"] for r in rows[0]] == [0, 1, 1, 2, 2, 3, 3]
+    resumed, uninterrupted = (load_file(str(d / "model" / "model.safetensors")) for d in (run_dir, reference))
+    assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)
 
 
 # ---------------------------------------------------------------------------- one seed, one result
