@@ -1,20 +1,27 @@
-"""Side-by-side comparison of the runs of a multirun (e.g. the paper's methods x seeds grid).
+"""Side-by-side comparison of the methods of a multirun (e.g. the paper's methods x seeds), with 95% intervals.
 
-``dph-compare <multirun dir> [--out DIR]`` reads every job directory of a multirun (a folder with
-``.hydra/overrides.yaml``) and groups the jobs by their overrides, minus ``seed`` and minus the
-overrides that every job shares: one group per method, its seeds pooled. It writes into the
-multirun directory (and ``sweep=methods_grid`` does so by itself when the grid ends, through
+``dph-compare <multirun dir> [--out DIR] [--reference LABEL]`` reads every job directory of a multirun
+(a folder with ``.hydra/overrides.yaml``) and groups the jobs by their overrides, minus ``seed`` and
+minus the overrides every job shares: one group per method, its seeds pooled. The initial policy is
+a method of its own, ``base``: the step-0 evaluation of every job. It writes into the multirun
+directory (``sweep=methods_grid`` and ``sweep=paper`` do so by themselves when the grid ends, through
 ``CompareCallback``):
 
-- ``comparison.csv``: one row per method: its jobs (finished / all), then for every final metric
-  (the run's ``summary.json``: ``eval/<split>/...``, ``train/reward_mean``, ``train/entropy``) the
-  mean and the standard deviation over seeds (``<metric>`` and ``<metric>:std``), and the same eval
-  metrics of the initial policy (``initial/<metric>``, the step-0 evaluation);
-- ``comparison.png``: per eval split, Pass@k versus k (log2 axis) of each method after training
-  (mean over seeds, the band spans min to max) and of the initial policy (dashed).
+- ``comparison.csv``: one row per method and metric: the runs, the value and its 95% interval, the
+  interval's kind, and the difference to the reference method (GRPO, ``experiment=grpo``, when it is
+  in the grid) with its interval and whether that interval excludes 0;
+- ``comparison.md``: the headline table: per split, Pass@1, Pass@k at the largest k, forgotten and
+  distinct correct answers of each method, as ``value [low, high]``, and the difference to the
+  reference, marked ``*`` when its interval excludes 0;
+- ``comparison.png``: per split, Pass@k versus k of each method with its 95% band (the base dashed),
+  and below it the fraction of the initial policy's solved prompts each method forgot.
 
-A job without ``summary.json`` (failed or still running) is counted but not averaged. Files are
-written to a temporary name and moved into place, so the command can run while the grid is running.
+The intervals (dph.stats): metrics that are averages over evaluation prompts (Pass@k, reward,
+distinct correct answers, forgotten, newly solved, solution coverage; from ``eval_prompts.jsonl``)
+get a two-level bootstrap over seeds and prompts, prompts resampled jointly for all methods (every
+run is scored on the same prompts); the others (entropy, training metrics) a t-interval over seeds,
+and for their differences a bootstrap over seeds. A job without ``summary.json`` (failed or still
+running) is counted but not used. Files are written atomically.
 """
 
 from __future__ import annotations
@@ -25,36 +32,51 @@ import io
 import json
 import logging
 import math
-import os
 import re
-import statistics
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 from hydra.experimental.callback import Callback
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from dph.plots import PASSK_KEY, load_metrics, save_figure
+from dph.fileio import write_text_atomic
+from dph.metrics import pass_at_k
+from dph.plots import load_metrics, save_figure
+from dph.stats import bootstrap_difference, bootstrap_means, excludes_zero, t_interval
 
 log = logging.getLogger(__name__)
 
-FINAL_METRICS = re.compile(r"^(eval/.+|train/reward_mean|train/entropy)$")
+RUN_METRICS = re.compile(r"^(eval/.+/entropy|train/reward_mean|train/entropy)$")  # per run: t-intervals
 IGNORED_OVERRIDES = ("seed=", "hydra.", "++trial=", "trial=")
+BASE = "base"
+DEFAULT_REFERENCE = "experiment=grpo"
+PER_PROMPT = ("reward_mean", "distinct_correct", "forgotten", "newly_solved", "solution_coverage")
+DRAWS = 2000
+
+
+@dataclass
+class PromptData:
+    """One split of one run: per prompt id, (correct of n, distinct correct answers) at step 0 and at the end."""
+
+    n: int
+    initial: dict[str, tuple[int, frozenset]]
+    final: dict[str, tuple[int, frozenset]]
 
 
 @dataclass
 class Job:
-    """One job directory of a multirun: its overrides, final metrics and step-0 evaluation."""
+    """One job directory of a multirun: its overrides, final metrics and per-prompt evaluations."""
 
     path: Path
     overrides: list[str]
     final: dict[str, float] | None = None  # None: no summary.json (failed or unfinished)
-    initial: dict[str, float] = field(default_factory=dict)
+    prompts: dict[str, PromptData] = field(default_factory=dict)
 
 
 def find_jobs(sweep_dir: Path) -> list[Job]:
@@ -62,27 +84,28 @@ def find_jobs(sweep_dir: Path) -> list[Job]:
     jobs = []
     for overrides_file in sweep_dir.glob("*/.hydra/overrides.yaml"):
         job_dir = overrides_file.parent.parent
-        overrides = [str(o) for o in yaml.safe_load(overrides_file.read_text()) or []]
-        job = Job(job_dir, overrides)
+        job = Job(job_dir, [str(o) for o in yaml.safe_load(overrides_file.read_text()) or []])
         summary = job_dir / "summary.json"
         if summary.is_file():
             job.final = {k: float(v) for k, v in json.loads(summary.read_text()).items()
-                         if FINAL_METRICS.match(k) and isinstance(v, (int, float))}
-            job.initial = _initial_eval(job_dir / "metrics.jsonl")
+                         if k.startswith(("eval/", "train/")) and isinstance(v, (int, float))}
+            job.prompts = _prompt_data(job_dir / "eval_prompts.jsonl")
         jobs.append(job)
     return sorted(jobs, key=lambda j: (not j.path.name.isdigit(), int(j.path.name) if j.path.name.isdigit() else 0,
                                        j.path.name))
 
 
-def _initial_eval(path: Path) -> dict[str, float]:
-    """The eval metrics logged at step 0 (the initial policy), from metrics.jsonl."""
+def _prompt_data(path: Path) -> dict[str, PromptData]:
+    """Per split, the step-0 and the last evaluation of eval_prompts.jsonl."""
     if not path.is_file():
         return {}
-    initial: dict[str, float] = {}
-    for record in load_metrics(path):
-        if record.get("train/step") == 0:
-            initial.update({k: float(v) for k, v in record.items() if k.startswith("eval/") and isinstance(v, (int, float))})
-    return initial
+    by_split: dict[str, dict[int, dict[str, tuple[int, frozenset]]]] = {}
+    n: dict[str, int] = {}
+    for r in load_metrics(path):
+        by_split.setdefault(r["split"], {}).setdefault(r["train/step"], {})[r["id"]] = (r["correct"],
+                                                                                       frozenset(r["answers"]))
+        n[r["split"]] = r["n"]
+    return {split: PromptData(n[split], steps[min(steps)], steps[max(steps)]) for split, steps in by_split.items()}
 
 
 def method_labels(jobs: Sequence[Job]) -> list[str]:
@@ -95,102 +118,198 @@ def method_labels(jobs: Sequence[Job]) -> list[str]:
     return [label or "(all jobs alike)" for label in labels]
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    finite = [v for v in values if math.isfinite(v)]
-    if not finite:
-        return math.nan, math.nan
-    return statistics.fmean(finite), statistics.stdev(finite) if len(finite) > 1 else 0.0
+# ------------------------------------------------------------------ per-prompt metrics
+def per_prompt_arrays(runs: Sequence[PromptData], metric: str, ids: list[str], base: bool = False
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """(num, den) [runs, prompts] of a per-prompt metric (see dph.stats); `base`: the initial policy."""
+    num, den = np.zeros((len(runs), len(ids))), np.ones((len(runs), len(ids)))
+    for r, data in enumerate(runs):
+        for p, prompt in enumerate(ids):
+            c0, a0 = data.initial[prompt]
+            c, a = (c0, a0) if base else data.final[prompt]
+            num[r, p], den[r, p] = _prompt_metric(metric, data.n, c0, a0, c, a)
+    return num, den
 
 
-def comparison_rows(jobs: Sequence[Job]) -> list[dict[str, Any]]:
-    """One row per method (first-seen order): job counts, mean and std of each final metric over its
-    finished jobs, and the mean initial eval metrics."""
-    groups: dict[str, list[Job]] = {}
+def _prompt_metric(metric: str, n: int, c0: int, a0: frozenset, c: int, a: frozenset) -> tuple[float, float]:
+    if metric.startswith("pass@"):
+        return pass_at_k(n, c, int(metric[5:])), 1.0
+    if metric == "reward_mean":
+        return c / n, 1.0
+    if metric == "distinct_correct":
+        return float(len(a)), 1.0
+    if metric == "forgotten":
+        return float(c0 > 0 and c == 0), float(c0 > 0)
+    if metric == "newly_solved":
+        return float(c0 == 0 and c > 0), float(c0 == 0)
+    if metric == "solution_coverage":
+        return (len(a0 & a) / len(a0), 1.0) if a0 else (0.0, 0.0)
+    raise KeyError(f"unknown per-prompt metric {metric!r}")
+
+
+# ------------------------------------------------------------------ the comparison
+@dataclass
+class Comparison:
+    methods: list[str]  # base first, then the methods in job order
+    runs: dict[str, int]  # finished runs per method
+    rows: list[dict[str, Any]]  # one per (method, metric)
+    reference: str | None
+    splits: dict[str, list[int]]  # split -> the ks of its pass@k
+
+
+def compare(jobs: Sequence[Job], reference: str | None = DEFAULT_REFERENCE, draws: int = DRAWS) -> Comparison:
+    """Values, intervals and differences to `reference` of every method and metric."""
+    finished: dict[str, list[Job]] = {}
     for label, job in zip(method_labels(jobs), jobs, strict=True):
-        groups.setdefault(label, []).append(job)
-    rows = []
-    for label, members in groups.items():
-        done = [j for j in members if j.final is not None]
-        row: dict[str, Any] = {"method": label, "jobs_finished": len(done), "jobs": len(members),
-                               "job_dirs": " ".join(j.path.name for j in members)}
-        for metric in sorted({m for j in done for m in j.final}):
-            row[metric], row[f"{metric}:std"] = _mean_std([j.final[metric] for j in done if metric in j.final])
-        for metric in sorted({m for j in done for m in j.initial}):
-            row[f"initial/{metric}"] = _mean_std([j.initial[metric] for j in done if metric in j.initial])[0]
-        rows.append(row)
-    return rows
+        if job.final is not None:
+            finished.setdefault(label, []).append(job)
+    if reference not in finished:
+        reference = None
+    every = [j for group in finished.values() for j in group]
+    splits = _common_splits(every)
+    methods = [BASE, *finished] if splits else list(finished)
+    rows: list[dict[str, Any]] = []
+    for split, ks in splits.items():
+        ids = sorted(set.intersection(*(set(j.prompts[split].final) & set(j.prompts[split].initial) for j in every)))
+        for metric in [f"pass@{k}" for k in ks] + list(PER_PROMPT):
+            arrays = {m: per_prompt_arrays([j.prompts[split] for j in (every if m == BASE else finished[m])], metric,
+                                           ids, base=m == BASE) for m in methods}
+            order = list(arrays)
+            stats = dict(zip(order, bootstrap_means([arrays[m] for m in order], draws=draws)))
+            for m in order:
+                diff = (bootstrap_difference(arrays[m], arrays[reference], draws=draws)
+                        if reference is not None and m != reference else None)
+                rows.append(_row(m, f"eval/{split}/{metric}", len(arrays[m][0]), stats[m], "bootstrap", diff))
+    for metric in sorted({k for j in every for k in j.final if RUN_METRICS.match(k)}):
+        for m in finished:
+            values = [j.final[metric] for j in finished[m] if metric in j.final]
+            diff = None
+            if reference is not None and m != reference:
+                ref = [j.final[metric] for j in finished[reference] if metric in j.final]
+                diff = bootstrap_difference(_as_runs(values), _as_runs(ref), draws=draws)
+            rows.append(_row(m, metric, len(values), t_interval(values), "t over seeds", diff))
+    return Comparison(methods, {BASE: len(every), **{m: len(g) for m, g in finished.items()}}, rows, reference, splits)
 
 
-def comparison_csv(rows: Sequence[dict[str, Any]]) -> str:
-    columns: list[str] = []
-    for row in rows:
-        columns += [c for c in row if c not in columns]
+def _as_runs(values: list[float]) -> tuple[np.ndarray, np.ndarray]:
+    x = np.asarray(values, float)[:, None]
+    return x, np.ones_like(x)
+
+
+def _row(method: str, metric: str, runs: int, stats: tuple[float, float, float], interval: str,
+         diff: tuple[float, float, float] | None) -> dict[str, Any]:
+    row = {"method": method, "metric": metric, "runs": runs, "value": stats[0], "ci_low": stats[1],
+           "ci_high": stats[2], "interval": interval}
+    if diff is not None:
+        row.update(diff=diff[0], diff_low=diff[1], diff_high=diff[2], significant=excludes_zero(diff[1], diff[2]))
+    return row
+
+
+def _common_splits(jobs: Sequence[Job]) -> dict[str, list[int]]:
+    """The splits every finished job has per-prompt results for, with the ks of their pass@k."""
+    if not jobs or not all(j.prompts for j in jobs):
+        return {}
+    splits = set.intersection(*(set(j.prompts) for j in jobs))
+    out = {}
+    for split in sorted(splits, key=list(jobs[0].prompts).index):
+        n = min(j.prompts[split].n for j in jobs)
+        out[split] = [k for k in (1 << i for i in range(n.bit_length())) if k <= n] + ([n] if n & (n - 1) else [])
+    return out
+
+
+# ------------------------------------------------------------------ outputs
+def comparison_csv(comparison: Comparison) -> str:
+    columns = ["method", "metric", "runs", "value", "ci_low", "ci_high", "interval", "diff", "diff_low", "diff_high",
+               "significant"]
     out = io.StringIO()
     writer = csv.DictWriter(out, fieldnames=columns, restval="", lineterminator="\n")
     writer.writeheader()
-    writer.writerows(rows)
+    writer.writerows(comparison.rows)
     return out.getvalue()
 
 
-def plot_comparison(jobs: Sequence[Job], path: Path) -> Path | None:
-    """Pass@k versus k per eval split: each method after training (mean, min-max band) and the
-    initial policy (dashed, mean over all jobs). None when no job finished."""
-    labels = method_labels(jobs)
-    finished = [(label, job) for label, job in zip(labels, jobs, strict=True) if job.final is not None]
-    splits: dict[str, set[int]] = {}
-    for _, job in finished:
-        for metric in job.final:
-            match = PASSK_KEY.match(metric)
-            if match:
-                splits.setdefault(match["split"], set()).add(int(match["k"]))
-    if not splits:
+def comparison_markdown(comparison: Comparison) -> str:
+    """Per split: Pass@1, Pass@k (largest k), forgotten, distinct correct answers; value [95% interval]
+    and the difference to the reference method (* when its interval excludes 0)."""
+    rows = {(r["method"], r["metric"]): r for r in comparison.rows}
+    ref = comparison.reference
+    lines = []
+    for split, ks in comparison.splits.items():
+        metrics = [("Pass@1", "pass@1"), (f"Pass@{ks[-1]}", f"pass@{ks[-1]}"), ("forgotten", "forgotten"),
+                   ("distinct correct", "distinct_correct")]
+        lines += [f"**{split}**" + (f" (difference to {ref} in parentheses; * its 95% interval excludes 0)" if ref else ""),
+                  "", "| method | runs | " + " | ".join(name for name, _ in metrics) + " |",
+                  "|---|---|" + "---|" * len(metrics)]
+        for method in comparison.methods:
+            cells = []
+            for _, metric in metrics:
+                r = rows.get((method, f"eval/{split}/{metric}"))
+                cells.append("" if r is None else _cell(r))
+            lines.append(f"| {method} | {comparison.runs[method]} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _cell(row: dict[str, Any]) -> str:
+    text = f"{row['value']:.3f} [{row['ci_low']:.3f}, {row['ci_high']:.3f}]"
+    if "diff" in row:
+        text += f" ({row['diff']:+.3f}{'*' if row['significant'] else ''})"
+    return text
+
+
+def plot_comparison(comparison: Comparison, path: Path) -> Path | None:
+    """Per split: Pass@k versus k with 95% bands (base dashed); forgotten per method with intervals."""
+    if not comparison.splits:
         return None
-    methods = list(dict.fromkeys(label for label, _ in finished))
+    rows = {(r["method"], r["metric"]): r for r in comparison.rows}
+    splits, methods = list(comparison.splits), comparison.methods
     width = max(6.0, 5.2 * len(splits))
-    # The legend below the axes: as many columns as its longest entry allows (about 0.07 in a character).
-    entry = 0.8 + 0.07 * max(len(f"{m} (n=00)") for m in [*methods, "initial policy"])
-    columns = max(1, min(len(methods) + 1, int(width // entry)))
-    figure = Figure(figsize=(width, 4.0 + 0.25 * math.ceil((len(methods) + 1) / columns)), layout="constrained")
+    entry = 0.8 + 0.07 * max(len(f"{m} (n=00)") for m in methods)  # the legend, below: as many columns as fit
+    columns = max(1, min(len(methods), int(width // entry)))
+    figure = Figure(figsize=(width, 7.6 + 0.25 * math.ceil(len(methods) / columns)), layout="constrained")
     FigureCanvasAgg(figure)
-    axes = figure.subplots(1, len(splits), squeeze=False)[0]
-    for ax, (split, ks) in zip(axes, splits.items()):
-        ks = sorted(ks)
-        initial = [[j.initial.get(f"eval/{split}/pass@{k}", math.nan) for _, j in finished] for k in ks]
-        ax.plot(ks, [_mean_std(v)[0] for v in initial], linestyle="--", color="0.3", marker=".", label="initial policy")
+    axes = figure.subplots(2, len(splits), squeeze=False, height_ratios=[3, 2])
+    for column, split in enumerate(splits):
+        ks, ax = comparison.splits[split], axes[0][column]
         for index, method in enumerate(methods):
-            runs = [j for label, j in finished if label == method]
-            values = [[j.final.get(f"eval/{split}/pass@{k}", math.nan) for j in runs] for k in ks]
-            mean = [_mean_std(v)[0] for v in values]
-            ax.plot(ks, mean, marker="o", markersize=3, color=f"C{index}", label=f"{method} (n={len(runs)})")
-            if len(runs) > 1:
-                ax.fill_between(ks, [min(v) for v in values], [max(v) for v in values], color=f"C{index}", alpha=0.15)
+            points = [rows[(method, f"eval/{split}/pass@{k}")] for k in ks]
+            style = dict(linestyle="--", color="0.3", marker=".") if method == BASE else dict(
+                marker="o", markersize=3, color=f"C{index - 1}")
+            ax.plot(ks, [p["value"] for p in points], label=f"{method} (n={comparison.runs[method]})", **style)
+            ax.fill_between(ks, [p["ci_low"] for p in points], [p["ci_high"] for p in points],
+                            color=style["color"], alpha=0.12)
         ax.set_xscale("log", base=2)
         ax.set_xticks(ks, [str(k) for k in ks])
         ax.set(title=f"{split}: Pass@k vs k", xlabel="k (samples per prompt)", ylabel="Pass@k", ylim=(-0.02, 1.02))
-    # One legend for every split, below the axes, where it hides no curve.
-    handles, labels = axes[0].get_legend_handles_labels()
+        ax.grid(alpha=0.3)
+        bars = [rows[(m, f"eval/{split}/forgotten")] for m in methods if m != BASE]
+        ax = axes[1][column]
+        x = np.arange(len(bars))
+        ax.bar(x, [b["value"] for b in bars], color=[f"C{i}" for i in range(len(bars))],
+               yerr=[[b["value"] - b["ci_low"] for b in bars], [b["ci_high"] - b["value"] for b in bars]], capsize=3)
+        ax.set_xticks(x, [str(i + 1) for i in x])
+        ax.set(title=f"{split}: initially solved prompts forgotten", xlabel="method (colour as above)",
+               ylabel="forgotten", ylim=(0, max([0.05, *(b["ci_high"] for b in bars if math.isfinite(b["ci_high"]))]) * 1.1))
+        ax.grid(alpha=0.3, axis="y")
+    handles, labels = axes[0][0].get_legend_handles_labels()
     figure.legend(handles, labels, loc="outside lower center", ncols=columns, fontsize="small", frameon=False)
-    figure.suptitle("Methods side by side\nmean over seeds (band: min to max); dashed: the initial policy", fontsize="medium")
+    figure.suptitle("Methods side by side: value and 95% interval (bootstrap over seeds and prompts)", fontsize="medium")
     return save_figure(figure, path)
 
 
-def write_comparison(sweep_dir: str | Path, out_dir: str | Path | None = None) -> list[Path]:
-    """Write comparison.csv and comparison.png for the multirun in ``sweep_dir``; returns the paths."""
+def write_comparison(sweep_dir: str | Path, out_dir: str | Path | None = None,
+                     reference: str | None = DEFAULT_REFERENCE, draws: int = DRAWS) -> list[Path]:
+    """Write comparison.csv, comparison.md and comparison.png for the multirun in ``sweep_dir``."""
     sweep_dir = Path(sweep_dir)
     out_dir = Path(out_dir) if out_dir is not None else sweep_dir
     jobs = find_jobs(sweep_dir)
     if not jobs:
         raise FileNotFoundError(f"{sweep_dir}: no job directory (<job>/.hydra/overrides.yaml) found")
     out_dir.mkdir(parents=True, exist_ok=True)
-    csv_path = out_dir / "comparison.csv"
-    tmp = csv_path.with_name(f".{csv_path.name}.tmp{os.getpid()}")
-    try:
-        tmp.write_text(comparison_csv(comparison_rows(jobs)), encoding="utf-8")
-        os.replace(tmp, csv_path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    written = [csv_path]
-    plot = plot_comparison(jobs, out_dir / "comparison.png")
+    comparison = compare(jobs, reference, draws)
+    written = [write_text_atomic(out_dir / "comparison.csv", comparison_csv(comparison)),
+               write_text_atomic(out_dir / "comparison.md", comparison_markdown(comparison))]
+    plot = plot_comparison(comparison, out_dir / "comparison.png")
     return written + ([plot] if plot is not None else [])
 
 
@@ -215,12 +334,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dph-compare", description=__doc__.split("\n\n")[0])
     parser.add_argument("sweep_dir", type=Path, help="a multirun directory (its job directories are 0/, 1/, ...)")
     parser.add_argument("--out", type=Path, help="output directory (default: the multirun directory)")
+    parser.add_argument("--reference", default=DEFAULT_REFERENCE,
+                        help=f"the method the others are compared with (default: {DEFAULT_REFERENCE})")
+    parser.add_argument("--draws", type=int, default=DRAWS, help="bootstrap replicates")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if not args.sweep_dir.is_dir():
         parser.error(f"{args.sweep_dir} is not a directory: give a multirun directory, e.g. outputs/sweeps/methods_grid/<time>")
     try:
-        paths = write_comparison(args.sweep_dir, args.out)
+        paths = write_comparison(args.sweep_dir, args.out, args.reference, args.draws)
     except FileNotFoundError as e:
         parser.error(str(e))
     for path in paths:

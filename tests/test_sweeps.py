@@ -205,12 +205,22 @@ def test_methods_grid_runs_each_method_and_compares_them(cache_dir, tmp_path):
     for job, experiment in (("0", "grpo"), ("1", "dph_js")):
         assert f"experiment={experiment}" in (sweep_dir / job / ".hydra" / "overrides.yaml").read_text()
         assert_trained(sweep_dir / job)
-    rows = list(csv.DictReader((sweep_dir / "comparison.csv").open()))
-    assert [r["method"] for r in rows] == ["experiment=grpo", "experiment=dph_js"]
-    for row, job in zip(rows, ("0", "1")):
-        last = read_jsonl(sweep_dir / job / "metrics.jsonl")[-1]
-        assert float(row["eval/test/pass@8"]) == pytest.approx(last["eval/test/pass@8"])
-        assert (row["jobs_finished"], row["jobs"], float(row["eval/test/pass@8:std"])) == ("1", "1", 0.0)
+    rows = {(r["method"], r["metric"]): r for r in csv.DictReader((sweep_dir / "comparison.csv").open())}
+    assert list(dict.fromkeys(method for method, _ in rows)) == ["base", "experiment=grpo", "experiment=dph_js"]
+    for method, job in (("experiment=grpo", "0"), ("experiment=dph_js", "1")):
+        records = read_jsonl(sweep_dir / job / "metrics.jsonl")
+        last = records[-1]
+        row = rows[(method, "eval/test/pass@8")]
+        assert float(row["value"]) == pytest.approx(last["eval/test/pass@8"]) and row["runs"] == "1"
+        assert float(row["ci_low"]) <= float(row["value"]) <= float(row["ci_high"]) and row["interval"] == "bootstrap"
+        assert float(rows[(method, "eval/test/forgotten")]["value"]) == pytest.approx(last["eval/test/forgotten"])
+        initial = [r for r in records if "eval/test/pass@1" in r][0]
+        base = rows[("base", "eval/test/pass@1")]
+        assert float(base["value"]) == pytest.approx(initial["eval/test/pass@1"])  # every job starts from one policy
+    assert rows[("experiment=dph_js", "eval/test/pass@8")]["significant"] in ("True", "False")
+    assert rows[("experiment=grpo", "eval/test/pass@8")]["diff"] == ""  # the reference itself
+    table = (sweep_dir / "comparison.md").read_text()
+    assert "**test** (difference to experiment=grpo" in table and "| experiment=dph_js | 1 |" in table
     assert_png(sweep_dir / "comparison.png")
     # dph-compare rebuilds the same comparison from the run directories alone
     out = tmp_path / "rebuilt"
