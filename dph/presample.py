@@ -12,8 +12,9 @@ Cache layout, `<cache_dir>/presample/<key>/`:
     reference.safetensors  input_ids, attention_mask, response_mask, ref_logprobs, problem_index
     manifest.json          key, spec, counts, pass-rate histogram, D_pef / D_exp ids, file sha256,
                            creation time
-The key hashes everything that determines the result (model fingerprint, task fingerprint,
-presample settings and seed, generation length and temperature; not the run's seed). The directory is written to a
+The key hashes everything that determines the result (the model's content fingerprint, task
+fingerprint, presample settings and seed, generation length and temperature, rollout engine; not the
+run's seed). The directory is written to a
 temporary name and renamed into place under a file lock, so runs and sweep trials in parallel
 build it once; a cache whose manifest or tensors do not match is rebuilt, with a warning.
 """
@@ -39,7 +40,7 @@ from dph.tasks import Problem, Task
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 TENSOR_FILE, MANIFEST_FILE = "reference.safetensors", "manifest.json"
 TENSOR_KEYS = ("input_ids", "attention_mask", "response_mask", "ref_logprobs", "problem_index")
 
@@ -76,6 +77,7 @@ def presample_spec(model_fp: dict, task: Task, cfg) -> dict[str, Any]:
         "task": {"name": task.name, **task.fingerprint()},
         "presample": {k: cfg.presample[k] for k in ("n", "temperature", "threshold")},
         "max_new_tokens": cfg.generation.max_new_tokens,
+        "engine": cfg.rollout.engine,  # the engines draw different samples for one seed
         "logprob_temperature": cfg.generation.temperature,
         "seed": cfg.presample.seed,
     }
