@@ -3,7 +3,8 @@
 ``dph-compare <multirun dir> [--out DIR] [--reference LABEL]`` reads every job directory of a multirun
 (a folder with ``.hydra/overrides.yaml``) and groups the jobs by their overrides, minus ``seed`` and
 minus the overrides every job shares: one group per method, its seeds pooled. The initial policy is
-a method of its own, ``base``: the step-0 evaluation of every job. It writes into the multirun
+a method of its own, ``base``: the step-0 evaluation of every job (its forgetting metrics compare
+two seeds' step-0 evaluations: the floor that sampling noise alone gives). It writes into the multirun
 directory (``sweep=methods_grid`` and ``sweep=paper`` do so by themselves when the grid ends, through
 ``CompareCallback``):
 
@@ -121,12 +122,17 @@ def method_labels(jobs: Sequence[Job]) -> list[str]:
 # ------------------------------------------------------------------ per-prompt metrics
 def per_prompt_arrays(runs: Sequence[PromptData], metric: str, ids: list[str], base: bool = False
                       ) -> tuple[np.ndarray, np.ndarray]:
-    """(num, den) [runs, prompts] of a per-prompt metric (see dph.stats); `base`: the initial policy."""
+    """(num, den) [runs, prompts] of a per-prompt metric (see dph.stats).
+
+    `base`: the initial policy, whose step-0 evaluation in each run is its "final" one; its
+    forgetting metrics compare run r's step-0 evaluation with run r+1's (another seed's samples of
+    the same policy): the floor that sampling noise alone gives them."""
     num, den = np.zeros((len(runs), len(ids))), np.ones((len(runs), len(ids)))
     for r, data in enumerate(runs):
+        other = runs[(r + 1) % len(runs)]
         for p, prompt in enumerate(ids):
             c0, a0 = data.initial[prompt]
-            c, a = (c0, a0) if base else data.final[prompt]
+            c, a = other.initial[prompt] if base else data.final[prompt]
             num[r, p], den[r, p] = _prompt_metric(metric, data.n, c0, a0, c, a)
     return num, den
 

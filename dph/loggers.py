@@ -17,7 +17,11 @@ Resuming a run (dph.checkpoint): the JSONL files drop their records after the ch
 (``rewind``) and continue; the W&B run continues under the same id. So that W&B's history has each
 step once, a W&B logger built with ``hold_until_flush`` keeps the rows it is given until ``flush``,
 which the trainer calls when a checkpoint is complete: rows after the last checkpoint of a run that
-fails are not sent (the resumed run sends them again).
+fails are not sent (the resumed run sends them again). Offline, W&B's service writes its file only
+from time to time and not at all when the process is killed, so a killed attempt's file may hold any
+part of its rows: a resumed offline run moves the earlier attempts' directories of its id into
+``wandb/replaced/`` and replays the rows the JSONL files hold up to the checkpoint, so that its
+directory alone holds the whole history, each step once (``wandb sync`` of it gives the run).
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from dph.fileio import write_text_atomic
 _log = logging.getLogger(__name__)
 
 STEP_KEY = "train/step"
+NON_FINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}  # how the JSONL files store them
 METRICS_FILE = "metrics.jsonl"
 SAMPLES_FILE = "samples.jsonl"
 PROMPTS_FILE = "eval_prompts.jsonl"
@@ -62,9 +67,6 @@ class Logger:
 
     def flush(self) -> None:
         """Everything logged so far is final (a checkpoint holds it): send what is held back."""
-
-    def rewind(self, step: int) -> None:
-        """Forget what was logged after ``step`` (a run resuming from a checkpoint at ``step``)."""
 
     def finish(self, exit_code: int = 0) -> None:
         """Flush and close; ``exit_code != 0`` marks the run as failed where the backend can."""
@@ -145,12 +147,26 @@ class JsonlLogger(Logger):
         write_text_atomic(self.summary_path, json.dumps(self._summary, indent=2, allow_nan=False) + "\n")
 
     def rewind(self, step: int) -> None:
+        """Drop the records after ``step`` (a run resuming from a checkpoint at ``step``)."""
         self._close()
         for path in self._files.values():
             if path.exists():
                 kept = [line for line in path.read_text(encoding="utf-8").splitlines(keepends=True)
                         if _record_step(line) is not None and _record_step(line) <= step]
                 write_text_atomic(path, "".join(kept))
+
+    def records(self, name: str) -> list[dict[str, Any]]:
+        """The records of one of the JSON-lines files (a torn last line skipped)."""
+        path = self._files[name]
+        out = []
+        for line in path.read_text(encoding="utf-8").splitlines() if path.exists() else []:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            out.append({key: NON_FINITE.get(value, value) if isinstance(value, str) else value
+                        for key, value in record.items()})
+        return out
 
     def _close(self) -> None:
         for handle in self._open.values():
@@ -188,7 +204,7 @@ class WandbLogger(Logger):
     """
 
     def __init__(self, cfg: Mapping[str, Any], run_dir: str | Path, config: Mapping[str, Any] | None = None,
-                 run_id: str | None = None, hold_until_flush: bool = False):
+                 run_id: str | None = None, hold_until_flush: bool = False, replay: JsonlLogger | None = None):
         import wandb
 
         mode = cfg.get("mode", "offline")
@@ -213,6 +229,9 @@ class WandbLogger(Logger):
         )
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
+        replay = replay if mode == "offline" and run_id else None
+        if replay is not None:
+            _set_aside_offline_runs(run_dir / "wandb", run_id)
         self._wandb = wandb
         self.run = wandb.init(
             mode=mode,
@@ -235,8 +254,29 @@ class WandbLogger(Logger):
             offline_dir = Path(self.run.dir).parent
             _log.info("W&B offline run %s (upload later with `wandb sync %s`)", offline_dir.name, offline_dir)
         self._finished = False
-        self._hold = hold_until_flush
+        self._hold = False
         self._held: list[dict[str, Any]] = []
+        if replay is not None:
+            self._replay(replay)
+        self._hold = hold_until_flush
+
+    def _replay(self, jsonl: JsonlLogger) -> None:
+        """Send the history the JSONL files hold (a resumed offline run): rows, charts, sample tables."""
+        samples: dict[int, list[dict]] = {}
+        for row in jsonl.records(SAMPLES_FILE):
+            samples.setdefault(row.pop(STEP_KEY), []).append(row)
+        for row in jsonl.records(jsonl.path.name):
+            step = row.pop(STEP_KEY)
+            self.log(row, step)
+            splits: dict[str, list[tuple[int, float]]] = {}
+            for key, value in row.items():
+                if key.startswith("eval/") and "/pass@" in key:
+                    split, k = key[len("eval/"):].rsplit("/pass@", 1)
+                    splits.setdefault(split, []).append((int(k), value))
+            for split, points in splits.items():
+                self.log_passk(split, [k for k, _ in points], [v for _, v in points], step)
+            if splits and step in samples:
+                self.log_samples(samples.pop(step), step)
 
     @property
     def run_id(self) -> str:
@@ -284,6 +324,19 @@ class WandbLogger(Logger):
 
 ONLINE_NEEDS_CREDENTIALS = ("logger.mode=online needs W&B credentials: run `wandb login` (or set WANDB_API_KEY), "
                             "or use logger.mode=offline and `wandb sync` later")
+
+
+def _set_aside_offline_runs(wandb_dir: Path, run_id: str) -> None:
+    """Move the offline-run directories of `run_id` (earlier attempts) into `wandb_dir/replaced/`."""
+    earlier = sorted(wandb_dir.glob(f"offline-run-*-{run_id}")) + sorted(wandb_dir.glob(f"offline-run-*-{run_id}-*"))
+    if not earlier:
+        return
+    aside = wandb_dir / "replaced"
+    aside.mkdir(parents=True, exist_ok=True)
+    for path in earlier:
+        path.rename(aside / path.name)
+    _log.info("W&B: the earlier offline attempts of run %s moved to %s; this run's directory holds the whole "
+              "history (replayed from metrics.jsonl)", run_id, aside)
 
 
 def has_wandb_credentials() -> bool:
@@ -341,10 +394,6 @@ class MultiLogger(Logger):
         for logger in self.loggers:
             logger.flush()
 
-    def rewind(self, step: int) -> None:
-        for logger in self.loggers:
-            logger.rewind(step)
-
     @property
     def run_id(self) -> str | None:
         return next((logger.run_id for logger in self.loggers if logger.run_id is not None), None)
@@ -365,23 +414,27 @@ BACKENDS = ("none", "wandb")
 
 def build_logger(
     logger_cfg: Mapping[str, Any] | None, run_dir: str | Path, config: Mapping[str, Any] | None = None,
-    run_id: str | None = None, hold_until_flush: bool = False,
+    run_id: str | None = None, hold_until_flush: bool = False, resume_step: int | None = None,
 ) -> MultiLogger:
     """The run's logger: the JSONL files in ``run_dir`` always, plus W&B when ``logger_cfg.backend == "wandb"``.
 
     ``config`` (the composed run config, a dict or DictConfig) is stored as the W&B run config;
-    ``run_id`` and ``hold_until_flush``: see WandbLogger. Call on rank 0 only; other ranks use
-    ``NullLogger()``.
+    ``run_id`` and ``hold_until_flush``: see WandbLogger. ``resume_step``: a run resuming from a
+    checkpoint at that step (the JSONL files rewound to it; see the module docstring). Call on rank 0
+    only; other ranks use ``NullLogger()``.
     """
     backend = (logger_cfg or {}).get("backend", "none")
     if backend not in BACKENDS:
         raise ValueError(f"logger.backend={backend!r} is unknown; known backends: {', '.join(BACKENDS)}")
     run_dir = Path(run_dir)
     jsonl = JsonlLogger(run_dir / METRICS_FILE)
+    if resume_step is not None:
+        jsonl.rewind(resume_step)
     loggers: list[Logger] = [jsonl]
     if backend == "wandb":
         try:
-            loggers.append(WandbLogger(logger_cfg, run_dir, config, run_id, hold_until_flush))
+            loggers.append(WandbLogger(logger_cfg, run_dir, config, run_id, hold_until_flush,
+                                       replay=jsonl if resume_step is not None else None))
         except BaseException:
             jsonl.finish(exit_code=1)
             raise

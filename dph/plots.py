@@ -26,12 +26,13 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from dph.loggers import NON_FINITE
+
 _log = logging.getLogger(__name__)
 
 STEP_KEY = "train/step"
 PASSK_KEY = re.compile(r"^eval/(?P<split>.+)/pass@(?P<k>\d+)$")
 SHOWN_KS = (1, 4, 16)  # plus the largest k of the split
-NON_FINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
 TRAIN_PANELS = (  # (title, y label, [(metric, legend label)])
     ("Reward", "mean reward", [("train/reward_mean", "train/reward_mean")]),
     ("Entropy", "entropy (nats)", [("train/entropy", "train/entropy")]),

@@ -91,12 +91,12 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
 
     trainer = Trainer(cfg, task, eval_sets, run_dir, NullLogger(), reporter, resume_from)
     if trainer.acc.is_main_process:
+        resume_step = trainer.state.step if resume_from is not None else None
         trainer.logger = build_logger(_logger_cfg(cfg, run_dir), run_dir, OmegaConf.to_container(cfg, resolve=True),
-                                      run_id=trainer.state.logger_run_id,
+                                      run_id=trainer.state.logger_run_id, resume_step=resume_step,
                                       hold_until_flush=bool(cfg.trainer.checkpoint_every))
         trainer.state.logger_run_id = trainer.logger.run_id
         if resume_from is not None:
-            trainer.logger.rewind(trainer.state.step)
             log.info("Resuming from checkpoint %s: step %d of %d", resume_from, trainer.state.step, cfg.trainer.steps)
     ok, pruned = False, None
     try:

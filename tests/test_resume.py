@@ -5,6 +5,7 @@ was never interrupted; damaged checkpoints, other configs and a fresh start; the
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -85,10 +86,11 @@ def test_a_killed_run_resumes_to_the_same_result(name, references, cache_dir, tm
     assert [p.name for p in sorted((run_dir / "checkpoints").iterdir())] == ["step-000002", "step-000004"]
     samples = read_jsonl(run_dir / "samples.jsonl")
     assert [r["train/step"] for r in samples] == sorted(r["train/step"] for r in samples)  # no rows of the killed try
-    if name == "dph_js":  # W&B: the killed attempt and the resumed one are one run, each step once
+    if name == "dph_js":  # W&B: the resumed attempt's directory holds the whole run, each step once
         runs = find_offline_runs(run_dir / "wandb")
-        assert len(runs) == 2 and len({p.parent.name.split("-")[3] for p in runs}) == 1
-        history = [r for run in runs for r in read_history(run)]
+        assert [p.parent.parent.name for p in runs] == ["replaced", "wandb"]  # the killed attempt, moved aside
+        assert len({p.parent.name.split("-")[3] for p in runs}) == 1  # one run id
+        history = read_history(runs[-1])
         scalars = [{k: v for k, v in r.items() if not k.startswith(("_", "charts/", "samples/", "time/"))}
                    for r in history]
         logged = [r["train/step"] for r in scalars if len(r) > 1]
@@ -96,26 +98,32 @@ def test_a_killed_run_resumes_to_the_same_result(name, references, cache_dir, tm
         assert [s for s in scalars if len(s) > 1] == rows(run_dir)
 
 
+def copy_run(run_dir: Path, to: Path) -> Path:
+    shutil.copytree(run_dir, to, ignore=shutil.ignore_patterns("wandb"))
+    return to
+
+
 def test_a_damaged_checkpoint_is_skipped_for_the_one_before(references, cache_dir, tmp_path):
-    """A truncated newest checkpoint is never loaded: the run resumes from the previous complete one."""
-    args = [*BASE, *CASES["grpo"][0], f"paths.cache_dir={cache_dir}"]
-    run_dir = tmp_path / "run"
-    first = dph_train([*args, "trainer.steps=2"], run_dir)  # checkpoint at step 2 (the end)
-    assert first.returncode == 0, first.stderr[-3000:]
-    bad = run_dir / "checkpoints" / "step-000003"
-    bad.mkdir()  # a checkpoint whose write never finished (no manifest)
-    (bad / "model.safetensors").write_bytes(b"half")
-    resumed = dph_train(args, run_dir)
+    """A truncated newest checkpoint is never loaded: the run resumes from the previous complete one
+    (and a checkpoint directory whose write never finished is ignored and removed)."""
+    run_dir = copy_run(references["grpo"], tmp_path / "run")
+    weights_file = run_dir / "checkpoints" / "step-000004" / "model.safetensors"
+    weights_file.write_bytes(weights_file.read_bytes()[:1000])
+    unfinished = run_dir / "checkpoints" / "step-000003"
+    unfinished.mkdir()  # no manifest: its write never finished
+    (unfinished / "model.safetensors").write_bytes(b"half")
+    resumed = dph_train([*BASE, *CASES["grpo"][0], f"paths.cache_dir={cache_dir}"], run_dir)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     log_text = (run_dir / "train.log").read_text()
-    assert "Skipping checkpoint" in log_text and "step-000002: step 2 of 4" in log_text
+    assert "Skipping checkpoint" in log_text and "model.safetensors does not match its checksum" in log_text
+    assert "step-000002: step 2 of 4" in log_text
     assert_same_run(references["grpo"], run_dir)
+    assert [p.name for p in sorted((run_dir / "checkpoints").iterdir())] == ["step-000002", "step-000004"]
 
 
 def test_a_checkpoint_of_another_config_is_refused_and_never_starts_over(references, cache_dir, tmp_path):
-    run_dir = tmp_path / "run"
-    args = [*BASE, *CASES["grpo"][0], f"paths.cache_dir={cache_dir}", "trainer.steps=2"]
-    assert dph_train(args, run_dir).returncode == 0
+    run_dir = copy_run(references["grpo"], tmp_path / "run")
+    args = [*BASE, *CASES["grpo"][0], f"paths.cache_dir={cache_dir}"]
     before = (run_dir / "metrics.jsonl").read_text()
     other = dph_train([*args, "divergence=reverse_kl", "divergence.source=rollouts"], run_dir)
     assert other.returncode == 2
@@ -123,7 +131,7 @@ def test_a_checkpoint_of_another_config_is_refused_and_never_starts_over(referen
     assert len(lines) == 1 and "was written by another config" in lines[0] and "divergence.name ('none' -> 'reverse_kl')" in lines[0]
     assert (run_dir / "metrics.jsonl").read_text() == before  # nothing touched
 
-    fresh = dph_train([*args, "trainer.resume=never"], run_dir)  # start over: the old outputs are moved aside
+    fresh = dph_train([*args, "trainer.resume=never", "trainer.steps=2"], run_dir)  # start over: old outputs moved aside
     assert fresh.returncode == 0, fresh.stderr[-3000:]
     aside = [p for p in run_dir.iterdir() if p.name.startswith("replaced-")]
     assert len(aside) == 1 and (aside[0] / "metrics.jsonl").read_text() == before

@@ -155,10 +155,10 @@ def read_run_info(run_file: str | Path) -> dict:
 
 
 def find_offline_runs(directory: str | Path, wait_s: float = 30.0) -> list[Path]:
-    """Every ``run-<id>.wandb`` file under ``directory`` in the order they were started (a resumed
-    run adds ``offline-run-<time>-<id>-1/`` and so on). The last one is awaited as in
+    """Every ``run-<id>.wandb`` file under ``directory``: those moved into ``replaced/`` by a resume
+    first, then the current one(s), in the order they were started. The last one is awaited as in
     ``find_offline_run``; earlier ones may lack the exit record (a killed attempt)."""
-    found = sorted(Path(directory).rglob("run-*.wandb"), key=lambda p: p.parent.name)
+    found = sorted(Path(directory).rglob("run-*.wandb"), key=lambda p: (p.parent.parent.name != "replaced", p.parent.name))
     if not found:
         raise FileNotFoundError(f"no run-*.wandb under {directory}")
     deadline = time.monotonic() + wait_s
