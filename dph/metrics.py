@@ -52,6 +52,7 @@ METRICS: dict[str, str] = {
     "time/rollout_s": "seconds spent sampling the step's rollouts",
     "time/update_s": "seconds spent on the step's forward/backward passes and optimizer steps",
     "time/eval_s": "seconds spent on one evaluation of all splits",
+    "time/gpu_peak_memory_gib": "peak GPU memory allocated by torch during the step (rank 0; CUDA runs only)",
     # evaluation on a split ("<split>" of the task or "<task>/<split>"), eval.n samples per prompt
     "eval/<split>/pass@<k>": "unbiased pass@k averaged over prompts, k in ks_up_to(eval.n)",
     "eval/<split>/entropy": "mean per-token entropy of the policy on the sampled responses",

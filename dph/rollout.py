@@ -38,6 +38,12 @@ class SequenceBatch:
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
+    def to(self, device: torch.device | str) -> SequenceBatch:
+        """The tensors on ``device`` (the pre-sampled rehearsal data stays on the CPU until drawn)."""
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return SequenceBatch(move(self.input_ids), move(self.attention_mask), move(self.response_mask), self.texts,
+                             move(self.logprobs), self.finish_reasons)
+
     def select(self, index: slice | torch.Tensor) -> SequenceBatch:
         rows = range(len(self))[index] if isinstance(index, slice) else index.tolist()
         return SequenceBatch(
@@ -102,7 +108,7 @@ def _response_logits(model, batch: SequenceBatch, group: int) -> torch.Tensor:
     checkpointing = getattr(inner, "is_activation_checkpointing", None)  # transformers >= 5.2x; older: the other name
     if checkpointing is None:
         checkpointing = getattr(inner, "is_gradient_checkpointing", False)
-    recomputed = checkpointing and inner.training and torch.is_grad_enabled()
+    recomputed = checkpointing and inner.training  # transformers turns the cache off then, with or without grad
     if group <= 1 or recomputed or not shares_prompts(batch, group):
         out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=position_ids,
                     logits_to_keep=width_r + 1, use_cache=False)

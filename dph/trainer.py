@@ -278,7 +278,7 @@ class Trainer:
         if self.reference_data is not None:
             size = self.ranks.share(self.cfg.divergence.rehearsal_batch_size)
             rb, rlp = self.reference_data.draw(size, generator(cfg.seed, "rehearsal", step, rank))
-            rehearsal = (rb, rlp.to(self.acc.device))
+            rehearsal = (rb.to(self.acc.device), rlp.to(self.acc.device))
         t1 = time.perf_counter()
 
         sums: dict[str, float] = dict.fromkeys(STEP_SUMS, 0.0)
@@ -310,6 +310,9 @@ class Trainer:
         totals = {**self.ranks.sum(sums), **self.ranks.max({"engine_diff_max": sums["engine_diff_max"]})}
         metrics = self._step_metrics(totals, with_rehearsal=rehearsal is not None,
                                      with_engine_logprobs=batch.logprobs is not None)
+        if self.acc.device.type == "cuda":  # this rank's peak during the step (rollouts and update)
+            metrics["time/gpu_peak_memory_gib"] = torch.cuda.max_memory_allocated(self.acc.device) / 2**30
+            torch.cuda.reset_peak_memory_stats(self.acc.device)
         self._after_update(step, metrics)
         return metrics
 

@@ -18,6 +18,13 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("WANDB_SILENT", "true")
 
+# pytest-xdist: the workers share the cores (each worker's runs, and the processes they start, get
+# their share of the threads; oversubscribed OpenMP threads make everything many times slower).
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    _share = max(1, len(os.sched_getaffinity(0)) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    for _name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(_name, str(_share))
+
 # A run small enough for CI: a quickly warmed-up tiny model and a few short steps.
 TINY_OVERRIDES = [
     "model.warmup.steps=40",

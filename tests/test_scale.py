@@ -82,6 +82,8 @@ def test_gradient_checkpointing_gives_the_same_values_and_gradients(llama):
         logp, _ = token_logprobs(model, batch, 0.7, group=3)
         logp.sum().backward()
         results.append((logp.detach(), [p.grad.clone() for p in model.parameters()]))
+        with torch.no_grad():  # an evaluation between updates: still training mode, no gradients
+            torch.testing.assert_close(token_logprobs(model, batch, 0.7, group=3)[0], logp.detach(), rtol=0, atol=1e-5)
     (getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable)()
     # the same up to float rounding (with checkpointing the prompt is recomputed per row, not shared)
     torch.testing.assert_close(results[1][0], results[0][0], rtol=0, atol=1e-5)

@@ -8,6 +8,8 @@ import csv
 import shutil
 import subprocess
 import sys
+import threading
+import time
 import warnings
 from pathlib import Path
 
@@ -141,12 +143,34 @@ def test_a_sweep_waits_for_a_running_trial_with_a_heartbeat_and_reruns_it_once_s
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # Optuna: heartbeats are meant for study.optimize
         other = study.ask()  # a trial of "another sweep", whose process then dies
-    study._storage.record_heartbeat(other._trial_id)
     other.set_user_attr("heartbeat", True)
-    proc = run_sweep(tmp_path / "sweep", "hydra.sweeper.n_trials=1", f"hydra.sweeper.storage={storage}",
-                     "hydra.sweeper.heartbeat_interval=1", "hydra.sweeper.grace_period=2")
-    assert "waiting for trials [0] of another sweep" in proc.stdout
-    assert "trial 0 had no heartbeat for the grace period: marked FAIL (not counted)" in proc.stdout
+    alive = threading.Event()
+    alive.set()
+
+    def beat():  # the other sweep's heartbeat, until the sweep under test has seen it
+        while alive.is_set():
+            study._storage.record_heartbeat(other._trial_id)
+            time.sleep(0.2)
+
+    beating = threading.Thread(target=beat, daemon=True)
+    beating.start()
+    sweep_dir = tmp_path / "sweep"
+    args = [sys.executable, str(APP), "-m", "hparams_search=toy", f"hydra.sweep.dir={sweep_dir}",
+            "hydra.sweeper.n_trials=1", f"hydra.sweeper.storage={storage}", "hydra.sweeper.heartbeat_interval=1",
+            "hydra.sweeper.grace_period=2"]
+    with subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path) as proc:
+        lines = []
+        for line in proc.stdout:  # the other sweep dies once this one waits for it
+            lines.append(line)
+            if "waiting for trials [0] of another sweep" in line:
+                alive.clear()
+        returncode = proc.wait(timeout=180)
+    alive.clear()
+    beating.join()
+    output = "".join(lines)
+    assert returncode == 0, output[-4000:]
+    assert "waiting for trials [0] of another sweep" in output
+    assert "trial 0 had no heartbeat for the grace period: marked FAIL (not counted)" in output
     trials = load_study(storage).trials
     assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE]
     assert trials[0].user_attrs["interrupted"] is True and "grace_period=2 s" in trials[0].user_attrs["fail_reason"]

@@ -138,8 +138,9 @@ def test_trials_of_a_killed_sweep_fail_after_the_grace_period_and_run_again(post
                                                                             tmp_path):
     """SIGKILL of the sweep and of the joblib workers running its two trials, once both jobs have
     started: their heartbeats stop, so the rerun (started at once) waits out the grace period, fails
-    them (interrupted, not counted) and runs two new trials to reach n_trials. (A rerun that opens the
-    study within the grace period waits for them first: test_sweeper checks that on sqlite.)"""
+    them (interrupted, not counted) and runs their parameters again as two new trials, each in the
+    interrupted trial's directory. (A rerun that opens the study within the grace period waits for
+    them first: test_sweeper checks that on sqlite.)"""
     sweep_dir = tmp_path / "sweep"
     args = sweep_args(cache_dir, sweep_dir, postgres_url, "killed", "hydra.sweeper.n_trials=2",
                       "hydra.sweeper.heartbeat_interval=1", "hydra.sweeper.grace_period=3")
@@ -166,7 +167,11 @@ def test_trials_of_a_killed_sweep_fail_after_the_grace_period_and_run_again(post
         assert t.user_attrs["interrupted"] is True
         assert "no heartbeat for more than hydra.sweeper.grace_period=3 s" in t.user_attrs["fail_reason"]
     assert time.monotonic() - started >= 3
-    for n in (2, 3):
-        assert (sweep_dir / str(n) / "metrics.jsonl").is_file()
+    for retry in trials[2:]:  # each interrupted trial's parameters again, in its directory
+        interrupted = retry.user_attrs["resumes_trial"]
+        assert retry.params == trials[interrupted].params
+        assert (sweep_dir / str(interrupted) / "metrics.jsonl").is_file()
+    assert sorted(t.user_attrs["resumes_trial"] for t in trials[2:]) == [0, 1]
+    assert not (sweep_dir / "2").exists() and not (sweep_dir / "3").exists()
     summary = yaml.safe_load((sweep_dir / "summary.yaml").read_text())
     assert summary["trials"] == {"total": 4, "counted": 2, "complete": 2, "fail": 2}

@@ -37,7 +37,15 @@ def _no_traceback(result: subprocess.CompletedProcess) -> None:
 
 
 # ---------------------------------------------------------------------------- bad input
-@pytest.mark.parametrize(("overrides", "key"), BAD_VALUES, ids=[" ".join(o) for o, _ in BAD_VALUES])
+# test_config checks every BAD_VALUES message in-process; the command line's contract (exit 2, one
+# line, nothing started) is checked here on one value of each kind of check (each run imports torch).
+CLI_BAD_VALUES = [case for case in BAD_VALUES if case[1] in (
+    "divergence.weight", "optimized_metric", "model.path", "logger.mode=online needs W&B credentials", "task.path",
+    "divergence.wieght", "rollout.engine")]
+CLI_BAD_VALUES = list({case[1]: case for case in CLI_BAD_VALUES}.values())  # one per key
+
+
+@pytest.mark.parametrize(("overrides", "key"), CLI_BAD_VALUES, ids=[" ".join(o) for o, _ in CLI_BAD_VALUES])
 def test_impossible_value_fails_fast_with_one_line(overrides, key, tmp_path):
     cache, run_dir = tmp_path / "cache", tmp_path / "run"
     result = run_cli([*overrides, f"paths.cache_dir={cache}", f"hydra.run.dir={run_dir}"], cwd=tmp_path, timeout=120)
@@ -218,7 +226,7 @@ def test_two_process_accelerate_run_checkpoints_and_resumes_on_cpu(tiny_model, c
 
     output = _two_processes([*base, "trainer.steps=3", f"hydra.run.dir={run_dir}"], tmp_path)
     assert "Resuming from checkpoint" in output and "step 2 of 3" in output
-    _two_processes([*base, "trainer.steps=3", f"hydra.run.dir={reference}"], tmp_path)
+    _two_processes([*base, "trainer.steps=3", "logger=none", f"hydra.run.dir={reference}"], tmp_path)
     rows = [[{k: v for k, v in r.items() if not k.startswith("time/")} for r in read_jsonl(d / "metrics.jsonl")]
             for d in (run_dir, reference)]
     assert rows[0] == rows[1] and [r["train/step"] for r in rows[0]] == [0, 1, 1, 2, 2, 3, 3]
