@@ -33,11 +33,16 @@ STUDY = "app"  # the default study name: ${hydra.job.name} of app.py
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
-def run_sweep(sweep_dir: Path, *overrides: str, preset: bool = True, expect_ok: bool = True) -> subprocess.CompletedProcess:
-    """``app.py -m [hparams_search=toy] hydra.sweep.dir=<sweep_dir> <overrides>`` in a subprocess."""
-    args = [sys.executable, str(APP), "-m", *(["hparams_search=toy"] if preset else []),
+def sweep_command(sweep_dir: Path, *overrides: str, preset: bool = True) -> list[str]:
+    """``app.py -m [hparams_search=toy] hydra.sweep.dir=<sweep_dir> <overrides>``."""
+    return [sys.executable, str(APP), "-m", *(["hparams_search=toy"] if preset else []),
             f"hydra.sweep.dir={sweep_dir}", *overrides]
-    proc = subprocess.run(args, capture_output=True, text=True, timeout=180, cwd=sweep_dir.parent)
+
+
+def run_sweep(sweep_dir: Path, *overrides: str, preset: bool = True, expect_ok: bool = True) -> subprocess.CompletedProcess:
+    """The sweep_command in a subprocess."""
+    proc = subprocess.run(sweep_command(sweep_dir, *overrides, preset=preset), capture_output=True, text=True,
+                          timeout=180, cwd=sweep_dir.parent)
     if expect_ok:
         assert proc.returncode == 0, f"sweep failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     return proc
@@ -154,10 +159,8 @@ def test_a_sweep_waits_for_a_running_trial_with_a_heartbeat_and_reruns_it_once_s
 
     beating = threading.Thread(target=beat, daemon=True)
     beating.start()
-    sweep_dir = tmp_path / "sweep"
-    args = [sys.executable, str(APP), "-m", "hparams_search=toy", f"hydra.sweep.dir={sweep_dir}",
-            "hydra.sweeper.n_trials=1", f"hydra.sweeper.storage={storage}", "hydra.sweeper.heartbeat_interval=1",
-            "hydra.sweeper.grace_period=2"]
+    args = sweep_command(tmp_path / "sweep", "hydra.sweeper.n_trials=1", f"hydra.sweeper.storage={storage}",
+                         "hydra.sweeper.heartbeat_interval=1", "hydra.sweeper.grace_period=2")
     with subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path) as proc:
         lines = []
         for line in proc.stdout:  # the other sweep dies once this one waits for it

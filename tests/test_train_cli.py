@@ -39,10 +39,9 @@ def _no_traceback(result: subprocess.CompletedProcess) -> None:
 # ---------------------------------------------------------------------------- bad input
 # test_config checks every BAD_VALUES message in-process; the command line's contract (exit 2, one
 # line, nothing started) is checked here on one value of each kind of check (each run imports torch).
-CLI_BAD_VALUES = [case for case in BAD_VALUES if case[1] in (
-    "divergence.weight", "optimized_metric", "model.path", "logger.mode=online needs W&B credentials", "task.path",
-    "divergence.wieght", "rollout.engine")]
-CLI_BAD_VALUES = list({case[1]: case for case in CLI_BAD_VALUES}.values())  # one per key
+CLI_KEYS = ("divergence.weight", "optimized_metric", "model.path", "logger.mode=online needs W&B credentials",
+            "task.path", "divergence.wieght", "rollout.engine")
+CLI_BAD_VALUES = [next(case for case in BAD_VALUES if case[1] == key) for key in CLI_KEYS]  # the first of each
 
 
 @pytest.mark.parametrize(("overrides", "key"), CLI_BAD_VALUES, ids=[" ".join(o) for o, _ in CLI_BAD_VALUES])
