@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import random
 import re
-import time
 from collections import defaultdict
 from fractions import Fraction
 from itertools import permutations, product
@@ -63,10 +62,8 @@ def keys(problems: list[Problem]) -> list[tuple[tuple[int, ...], int]]:
 def test_build_from_yaml_and_splits(task):
     cfg = config()
     assert isinstance(task, Countdown) and task.split_names == ("train", "test", "ood")
-    start = time.perf_counter()
     fresh = build_task(cfg)
     generated = {split: fresh.problems(split) for split in fresh.split_names}
-    assert time.perf_counter() - start < 2.0
     for split, problems in generated.items():
         spec = cfg["splits"][split]
         assert len(problems) == spec["size"]
@@ -209,14 +206,11 @@ HOSTILE = [
 ]
 
 
-def test_hostile_inputs_score_zero_quickly(task):
+def test_hostile_inputs_score_zero(task):
     target = problem([3, 5, 7], 22)
     for response in HOSTILE:
-        start = time.perf_counter()
         score = task.score(target, response)
-        elapsed = time.perf_counter() - start
         assert score.reward == 0.0 and score.status == "invalid", response[:40]
-        assert elapsed < 0.05, (response[:40], elapsed)
 
 
 def test_parser_bounds_raise_invalid_expression():
@@ -301,13 +295,11 @@ def test_solver_matches_brute_force_over_strings(numbers):
         assert set(solutions(numbers, target)) == expected.get(Fraction(target), set()), target
 
 
-def test_solver_on_four_numbers_is_fast_complete_and_minimal():
+def test_solver_on_four_numbers_is_complete_and_minimal():
     numbers = [2, 3, 4, 6]
     _solutions.cache_clear()
     _expressions.cache_clear()
-    start = time.perf_counter()
     found = solutions(numbers, 24)
-    assert time.perf_counter() - start < 0.05
     assert len(found) == len(set(found)) > 20
     assert "(2+4)*3+6" in found and "6/(3-2)*4" in found and "(2*6-4)*3" in found
     # The solved-for top operator agrees with the full enumeration for every value, 0 included.

