@@ -68,6 +68,20 @@ def test_eval_on_another_task(task, tmp_path):
     assert split_eval_spec(f"{other}/ood", task) == (other, "ood")
 
 
+@pytest.mark.parametrize(("task", "steps", "n", "splits"), [
+    ("countdown", 40, 64, ["test", "ood"]), ("sql", 30, 16, ["test", "math/test"]), ("math", 40, 64, ["test", "ood"]),
+])
+def test_the_paper_preset_is_sized_per_task(task, steps, n, splits, tmp_path):
+    """sweep=paper picks each task's steps, eval samples and splits; the command line still wins."""
+    overrides = ["sweep=paper", f"task={task}", f"task.cache_dir={tmp_path / 'sql'}" if task == "sql" else "seed=0"]
+    cfg = compose_config(overrides)
+    _, eval_sets = setup(cfg)
+    assert (cfg.trainer.steps, cfg.eval.n, [e.label for e in eval_sets]) == (steps, n, splits)
+    assert cfg.hydra.sweeper.params.experiment == "grpo,dapo,grpo_kl,dph_fkl,dph_js"
+    assert cfg.hydra.sweep.dir.endswith(f"sweeps/paper/{task}/" + cfg.hydra.sweep.dir.rsplit("/", 1)[1])
+    assert compose_config([*overrides, "trainer.steps=5", "eval.n=8"], hydra=False).trainer.steps == 5
+
+
 @pytest.mark.parametrize(("overrides", "key"), BAD_VALUES, ids=[" ".join(o) for o, _ in BAD_VALUES])
 def test_impossible_values_raise_config_error_naming_the_key(overrides, key):
     cfg = compose_config(overrides)
