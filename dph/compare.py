@@ -263,6 +263,14 @@ def _cell(row: dict[str, Any]) -> str:
     return text
 
 
+def _colours(n: int) -> list[tuple[float, ...]]:
+    """n distinct colours: matplotlib's tab10 for up to 10 methods, tab20 for up to 20 (then repeating)."""
+    from matplotlib import colormaps
+
+    palette = colormaps["tab10" if n <= 10 else "tab20"]
+    return [palette(i % palette.N) for i in range(n)]
+
+
 def plot_comparison(comparison: Comparison, path: Path) -> Path | None:
     """Per split: Pass@k versus k with 95% bands (base dashed); forgotten per method with intervals."""
     if not comparison.splits:
@@ -275,12 +283,14 @@ def plot_comparison(comparison: Comparison, path: Path) -> Path | None:
     figure = Figure(figsize=(width, 7.6 + 0.25 * math.ceil(len(methods) / columns)), layout="constrained")
     FigureCanvasAgg(figure)
     axes = figure.subplots(2, len(splits), squeeze=False, height_ratios=[3, 2])
+    trained = [m for m in methods if m != BASE]
+    colour = dict(zip(trained, _colours(len(trained))), **{BASE: "0.3"})
     for column, split in enumerate(splits):
         ks, ax = comparison.splits[split], axes[0][column]
-        for index, method in enumerate(methods):
+        for method in methods:
             points = [rows[(method, f"eval/{split}/pass@{k}")] for k in ks]
-            style = dict(linestyle="--", color="0.3", marker=".") if method == BASE else dict(
-                marker="o", markersize=3, color=f"C{index - 1}")
+            style = dict(linestyle="--", marker=".") if method == BASE else dict(marker="o", markersize=3)
+            style["color"] = colour[method]
             ax.plot(ks, [p["value"] for p in points], label=f"{method} (n={comparison.runs[method]})", **style)
             ax.fill_between(ks, [p["ci_low"] for p in points], [p["ci_high"] for p in points],
                             color=style["color"], alpha=0.12)
@@ -288,13 +298,13 @@ def plot_comparison(comparison: Comparison, path: Path) -> Path | None:
         ax.set_xticks(ks, [str(k) for k in ks])
         ax.set(title=f"{split}: Pass@k vs k", xlabel="k (samples per prompt)", ylabel="Pass@k", ylim=(-0.02, 1.02))
         ax.grid(alpha=0.3)
-        bars = [rows[(m, f"eval/{split}/forgotten")] for m in methods if m != BASE]
+        bars = [rows[(m, f"eval/{split}/forgotten")] for m in trained]
         ax = axes[1][column]
         x = np.arange(len(bars))
-        ax.bar(x, [b["value"] for b in bars], color=[f"C{i}" for i in range(len(bars))],
+        ax.bar(x, [b["value"] for b in bars], color=[colour[m] for m in trained],
                yerr=[[b["value"] - b["ci_low"] for b in bars], [b["ci_high"] - b["value"] for b in bars]], capsize=3)
-        ax.set_xticks(x, [str(i + 1) for i in x])
-        ax.set(title=f"{split}: initially solved prompts forgotten", xlabel="method (colour as above)",
+        ax.set_xticks(x, [m.removeprefix("experiment=") for m in trained], rotation=30, ha="right", fontsize="small")
+        ax.set(title=f"{split}: initially solved prompts forgotten",
                ylabel="forgotten", ylim=(0, max([0.05, *(b["ci_high"] for b in bars if math.isfinite(b["ci_high"]))]) * 1.1))
         ax.grid(alpha=0.3, axis="y")
     handles, labels = axes[0][0].get_legend_handles_labels()

@@ -61,3 +61,10 @@ def test_a_real_difference_is_found_and_marked():
     assert low > 0 and excludes_zero(low, high) and value == pytest.approx(float((better - base).mean()))
     with pytest.raises(ValueError, match="prompt count"):
         bootstrap_means([(base, np.ones_like(base)), (base[:, :10], np.ones((5, 10)))])
+
+
+def test_the_comparison_figure_gives_each_method_its_own_colour():
+    from dph.compare import _colours
+
+    for n in (1, 5, 10, 12, 20):  # tab10's cycle repeats after 10: the 12-method baselines grid needs more
+        assert len(set(_colours(n))) == n
