@@ -47,6 +47,8 @@ import time
 from datetime import datetime
 from pathlib import Path
 
+from dph.plots import load_metrics
+
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = {  # name -> the overrides that differ
     "dph_fkl": ["experiment=dph_fkl"],
@@ -129,8 +131,7 @@ def run(executable: str, overrides: list[str], run_dir: Path, threads: int) -> d
 
 
 def step_times(run_dir: Path, skip: int) -> list[float]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    train = sorted((r for r in rows if "time/update_s" in r), key=lambda r: r["train/step"])
+    train = sorted((r for r in load_metrics(run_dir / "metrics.jsonl") if "time/update_s" in r), key=lambda r: r["train/step"])
     return [r["time/rollout_s"] + r["time/update_s"] for r in train[skip:]]
 
 

@@ -28,12 +28,15 @@ import sys
 import time
 from pathlib import Path
 
+from dph.plots import load_metrics
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def rows(run_dir: Path) -> list[dict]:
+    """The run's metrics.jsonl records (none before its first row; a killed run's torn line skipped)."""
     path = run_dir / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    return load_metrics(path) if path.exists() else []
 
 
 def train(name: str, run_dir: Path, overrides: list[str], *, kill: tuple[str, int] | None = None,
