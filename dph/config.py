@@ -13,10 +13,7 @@ import dph
 from dph.metrics import METRICS, eval_metric_names
 from dph.tasks.base import STATUSES
 
-LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 SCHEDULES = ("constant", "linear", "cosine")
-SOURCES = ("reference", "rollouts")
-REVERSE_KL_ESTIMATORS = ("k1", "k2", "k3")
 WANDB_MODES = ("offline", "online", "disabled")
 
 log = logging.getLogger(__name__)
@@ -24,6 +21,11 @@ log = logging.getLogger(__name__)
 
 class ConfigError(ValueError):
     """An impossible config value; the message names the key and what is allowed."""
+
+
+class RunError(RuntimeError):
+    """A valid config meets the user's model, data or environment and the run cannot go on (e.g. an
+    initial policy that solves no training prompt, a full disk); the message says what to do."""
 
 
 def package_root() -> Path:
@@ -118,8 +120,8 @@ def vllm_installed() -> bool:
         return False
 
 
-def _check_vllm(cfg: DictConfig) -> None:
-    """rollout.vllm.*, then vLLM itself: missing, it is one line naming the extra to install."""
+def _check_vllm_settings(cfg: DictConfig) -> None:
+    """rollout.vllm.* (vLLM itself is checked with the environment)."""
     dtype = OmegaConf.select(cfg, "rollout.vllm.dtype")
     if dtype is not None and dtype not in VLLM_DTYPES:
         raise ConfigError(f"rollout.vllm.dtype={dtype!r} is not allowed: choose one of {', '.join(VLLM_DTYPES)} "
@@ -130,8 +132,6 @@ def _check_vllm(cfg: DictConfig) -> None:
     _bool(cfg, "rollout.vllm.enforce_eager")
     _bool(cfg, "rollout.vllm.sleep_mode")
     _num(cfg, "rollout.vllm.seed", kind=int, low=0)
-    if not vllm_installed():
-        raise ConfigError(VLLM_MISSING)
 
 
 DIVERGENCE_RUN_KEYS = ("name", "weight", "source", "rehearsal_batch_size")  # read by the trainer, not the generator
@@ -163,27 +163,33 @@ def expected_metrics(cfg: DictConfig, eval_labels: list[str]) -> set[str]:
 
 def validate(cfg: DictConfig, task_splits: dict[str, tuple[str, ...]]) -> list[str]:
     """Check the composed config; `task_splits` maps task names to their split names (the trained
-    task first). Returns the eval labels. Raises ConfigError on the first impossible value."""
-    from dph.advantages import ADVANTAGES, advantage_params
-    from dph.divergences import DIVERGENCES, REVERSE_KL_PENALTIES
-    from dph.engines import ENGINES
-    from dph.policy_losses import POLICY_LOSSES, policy_loss_params
+    task first). Returns the eval labels. Raises ConfigError on the first impossible value: the
+    sections' own checks first, then what the environment must provide (CUDA, vLLM, W&B login)."""
+    for check in (_check_run, _check_algorithm, _check_trainer, _check_generation, _check_divergence,
+                  _check_optimizer, _check_model):
+        check(cfg)
+    labels = eval_labels(cfg, task_splits)
+    _check_logger(cfg)
+    _check_optimized_metric(cfg, labels)
+    check_environment(cfg)
+    return labels
 
-    task_name = cfg.task.name
+
+def _check_run(cfg: DictConfig) -> None:
     _num(cfg, "seed", kind=int, low=0)
     _choice(cfg, "device", ("auto", "cpu", "cuda"))
     _choice(cfg, "precision", ("no", "bf16", "fp16"))
-    if cfg.device == "cuda":
-        import torch
 
-        if not torch.cuda.is_available():
-            raise ConfigError("device=cuda but no CUDA GPU is visible: use device=auto or device=cpu")
 
-    # algorithm
+def _check_algorithm(cfg: DictConfig) -> None:
+    from dph.advantages import ADVANTAGES, advantage_params
+    from dph.aggregation import LOSS_AGGREGATIONS
+    from dph.policy_losses import POLICY_LOSSES, policy_loss_params
+
     _num(cfg, "algorithm.group_size", kind=int, low=2, hint=" (GRPO compares responses within a group)")
     _num(cfg, "algorithm.clip_low", low=0, high=1, low_open=True)
     _num(cfg, "algorithm.clip_high", low=0, low_open=True)
-    _choice(cfg, "algorithm.loss_agg", LOSS_AGGS)
+    _choice(cfg, "algorithm.loss_agg", tuple(LOSS_AGGREGATIONS))
     _registry_choice(cfg, "algorithm.advantage", ADVANTAGES, advantage_params)
     loss = _registry_choice(cfg, "algorithm.policy_loss", POLICY_LOSSES, policy_loss_params)
     if loss == "gspo" and cfg.algorithm.loss_agg != "seq-mean-token-mean":
@@ -195,9 +201,12 @@ def validate(cfg: DictConfig, task_splits: dict[str, tuple[str, ...]]) -> list[s
     _num(cfg, "algorithm.entropy_coef_max", low=0)
     _num(cfg, "algorithm.top_entropy_quantile", low=0, high=1, low_open=True, allow_none=True)
     _num(cfg, "algorithm.epochs", kind=int, low=1)
-    minibatches = _num(cfg, "algorithm.minibatches", kind=int, low=1)
+    _num(cfg, "algorithm.minibatches", kind=int, low=1)
 
-    # trainer
+
+def _check_trainer(cfg: DictConfig) -> None:
+    from dph.engines import ENGINES
+
     _num(cfg, "trainer.steps", kind=int, low=0)
     prompts = _num(cfg, "trainer.prompts_per_step", kind=int, low=1)
     _num(cfg, "trainer.micro_batch_size", kind=int, low=1)
@@ -208,20 +217,29 @@ def validate(cfg: DictConfig, task_splits: dict[str, tuple[str, ...]]) -> list[s
     if not isinstance(resume, str) or not resume:
         raise ConfigError(f"trainer.resume={resume!r} is not allowed: use auto, never or a checkpoint directory")
     if _choice(cfg, "rollout.engine", ENGINES) == "vllm":
-        _check_vllm(cfg)
+        _check_vllm_settings(cfg)
+    minibatches = cfg.algorithm.minibatches
     if minibatches > prompts * cfg.algorithm.group_size:
         raise ConfigError(
             f"algorithm.minibatches={minibatches} is larger than the rollouts per step "
             f"({prompts} prompts x {cfg.algorithm.group_size}): lower it or raise trainer.prompts_per_step"
         )
 
-    # generation
+
+def _check_generation(cfg: DictConfig) -> None:
     _num(cfg, "generation.max_new_tokens", kind=int, low=1)
     _num(cfg, "generation.temperature", low=0, low_open=True)
     _num(cfg, "generation.top_p", low=0, high=1, low_open=True)
     _num(cfg, "generation.batch_size", kind=int, low=1)
+    stop = OmegaConf.select(cfg, "generation.stop", default=[])
+    if not (OmegaConf.is_list(stop) or isinstance(stop, list)) or not all(isinstance(s, str) and s for s in stop):
+        raise ConfigError(f"generation.stop={stop!r} is not allowed: use a list of non-empty strings, "
+                          "e.g. 'generation.stop=[\"</answer>\"]' (or [] for none)")
 
-    # divergence
+
+def _check_divergence(cfg: DictConfig) -> None:
+    from dph.divergences import DIVERGENCES, REVERSE_KL_ESTIMATORS, REVERSE_KL_PENALTIES, SOURCES
+
     div = cfg.divergence
     if div.name != "none" and div.name not in DIVERGENCES:
         raise ConfigError(f"divergence.name={div.name!r} is not allowed: choose none or one of {', '.join(DIVERGENCES)}")
@@ -231,27 +249,29 @@ def validate(cfg: DictConfig, task_splits: dict[str, tuple[str, ...]]) -> list[s
     if unknown:
         raise ConfigError(f"divergence.{unknown[0]} is not a parameter of divergence={div.name}: "
                           f"its keys are {', '.join(known)}")
-    if div.name == "none" and div.weight != 0:
-        log.warning("divergence.weight=%s is ignored: divergence=none has no term to weight "
-                    "(choose a divergence, e.g. divergence=js)", div.weight)
-    if div.name != "none":
-        _choice(cfg, "divergence.source", SOURCES)
-        if div.name == "reverse_kl":
-            _choice(cfg, "divergence.estimator", REVERSE_KL_ESTIMATORS)
-            form = _choice(cfg, "divergence.loss_form", REVERSE_KL_PENALTIES)
-            reset = _num(cfg, "divergence.reference_reset_every", kind=int, low=0)
-            if div.source != "rollouts" and (form != "exact" or reset):
-                raise ConfigError("divergence.loss_form and divergence.reference_reset_every act on a reference model: "
-                                  "use divergence.source=rollouts (or loss_form=exact, reference_reset_every=0)")
-        if div.name == "alpha":
-            _num(cfg, "divergence.alpha")
-        if div.source == "reference":
-            _num(cfg, "divergence.rehearsal_batch_size", kind=int, low=1)
-            _num(cfg, "presample.n", kind=int, low=1)
-            _num(cfg, "presample.temperature", low=0, low_open=True)
-            _num(cfg, "presample.threshold", low=0, high=1, low_open=True)
+    if div.name == "none":
+        if div.weight != 0:
+            log.warning("divergence.weight=%s is ignored: divergence=none has no term to weight "
+                        "(choose a divergence, e.g. divergence=js)", div.weight)
+        return
+    _choice(cfg, "divergence.source", SOURCES)
+    if div.name == "reverse_kl":
+        _choice(cfg, "divergence.estimator", REVERSE_KL_ESTIMATORS)
+        form = _choice(cfg, "divergence.loss_form", REVERSE_KL_PENALTIES)
+        reset = _num(cfg, "divergence.reference_reset_every", kind=int, low=0)
+        if div.source != "rollouts" and (form != "exact" or reset):
+            raise ConfigError("divergence.loss_form and divergence.reference_reset_every act on a reference model: "
+                              "use divergence.source=rollouts (or loss_form=exact, reference_reset_every=0)")
+    if div.name == "alpha":
+        _num(cfg, "divergence.alpha")
+    if div.source == "reference":
+        _num(cfg, "divergence.rehearsal_batch_size", kind=int, low=1)
+        _num(cfg, "presample.n", kind=int, low=1)
+        _num(cfg, "presample.temperature", low=0, low_open=True)
+        _num(cfg, "presample.threshold", low=0, high=1, low_open=True)
 
-    # optimizer
+
+def _check_optimizer(cfg: DictConfig) -> None:
     _num(cfg, "optimizer.lr", low=0, low_open=True)
     _num(cfg, "optimizer.weight_decay", low=0)
     _num(cfg, "optimizer.warmup_steps", kind=int, low=0)
@@ -259,8 +279,11 @@ def validate(cfg: DictConfig, task_splits: dict[str, tuple[str, ...]]) -> list[s
     _num(cfg, "optimizer.min_lr_ratio", low=0, high=1)
     _num(cfg, "optimizer.max_grad_norm", low=0, low_open=True, allow_none=True)
 
-    # model
-    _choice(cfg, "model.name", ("tiny", "hf"))
+
+def _check_model(cfg: DictConfig) -> None:
+    from dph.models import MODEL_NAMES
+
+    _choice(cfg, "model.name", MODEL_NAMES)
     _bool(cfg, "model.gradient_checkpointing")
     if _num(cfg, "model.lora.r", kind=int, low=0):
         _num(cfg, "model.lora.alpha", low=0, low_open=True)
@@ -280,14 +303,17 @@ def validate(cfg: DictConfig, task_splits: dict[str, tuple[str, ...]]) -> list[s
             raise ConfigError(f"model.path={path!r} is not a saved model directory (no config.json there): "
                               "point it at a directory written by save_pretrained")
 
-    # logger (checked here so that a missing W&B login fails before any model is built)
-    from dph.loggers import BACKENDS, ONLINE_NEEDS_CREDENTIALS, has_wandb_credentials
+
+def _check_logger(cfg: DictConfig) -> None:
+    from dph.loggers import BACKENDS
 
     if _choice(cfg, "logger.backend", BACKENDS) == "wandb":
-        if _choice(cfg, "logger.mode", WANDB_MODES) == "online" and not has_wandb_credentials():
-            raise ConfigError(ONLINE_NEEDS_CREDENTIALS)
+        _choice(cfg, "logger.mode", WANDB_MODES)
 
-    # evaluation
+
+def eval_labels(cfg: DictConfig, task_splits: dict[str, tuple[str, ...]]) -> list[str]:
+    """eval.* checked, and the labels of the splits it evaluates ("test", "math/test", ...)."""
+    task_name = cfg.task.name
     _num(cfg, "eval.every", kind=int, low=0)
     _num(cfg, "eval.n", kind=int, low=1)
     _num(cfg, "eval.max_prompts", kind=int, low=1, allow_none=True)
@@ -306,8 +332,10 @@ def validate(cfg: DictConfig, task_splits: dict[str, tuple[str, ...]]) -> list[s
         labels.append(str(spec))
     if "train" not in task_splits[task_name]:
         raise ConfigError(f"task={task_name} has no train split: it cannot be trained on")
+    return labels
 
-    # the metric a sweeper optimizes
+
+def _check_optimized_metric(cfg: DictConfig, labels: list[str]) -> None:
     wanted = cfg.optimized_metric
     wanted = [wanted] if isinstance(wanted, str) else list(wanted or [])
     known = expected_metrics(cfg, labels)
@@ -315,7 +343,28 @@ def validate(cfg: DictConfig, task_splits: dict[str, tuple[str, ...]]) -> list[s
         if metric not in known:
             hint = ""
             if "/pass@" in metric:
-                hint = f" (pass@k is logged for k in 1, 2, 4, ... up to eval.n={cfg.eval.n} on eval.splits={list(splits)})"
+                hint = (f" (pass@k is logged for k in 1, 2, 4, ... up to eval.n={cfg.eval.n} "
+                        f"on eval.splits={list(cfg.eval.splits)})")
             raise ConfigError(f"optimized_metric={metric!r} is never logged by this run{hint}: "
                               f"e.g. optimized_metric=eval/{labels[0]}/pass@1")
-    return labels
+
+
+def check_environment(cfg: DictConfig) -> None:
+    """What the environment must provide for this config: a CUDA GPU, vLLM, W&B credentials."""
+    from dph.loggers import ONLINE_NEEDS_CREDENTIALS, has_wandb_credentials
+
+    if cfg.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError("device=cuda but no CUDA GPU is visible: use device=auto or device=cpu")
+    if cfg.rollout.engine == "vllm":
+        if not vllm_installed():
+            raise ConfigError(VLLM_MISSING)
+        from dph.engines.vllm import check_vllm_install
+
+        problem = check_vllm_install()
+        if problem:
+            raise ConfigError(problem)
+    if cfg.logger.backend == "wandb" and cfg.logger.mode == "online" and not has_wandb_credentials():
+        raise ConfigError(ONLINE_NEEDS_CREDENTIALS)

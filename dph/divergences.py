@@ -219,7 +219,7 @@ def token_divergence(
     """Per-token surrogate loss and value estimate of D_f(pi_ref, pi); both shaped like logp.
 
     logp: log pi_theta(y_t | prefix) with grad; ref_logp: log pi_ref(y_t | prefix), no grad needed.
-    The caller masks and aggregates over tokens (dph.algos.agg_loss) and multiplies by the weight.
+    The caller masks and aggregates over tokens (dph.aggregation.agg_loss) and multiplies by the weight.
 
     source="reference" (y ~ pi_ref, fixed): value = surrogate = f(u); pathwise gradient is exact.
     source="rollouts" (y ~ pi_theta): value = f(u)/u, surrogate = sg(value) + sg(f'(u) - f'(1)) *

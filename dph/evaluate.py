@@ -112,17 +112,15 @@ def evaluate_models(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     """Evaluate every model of `cfg.models` and write the outputs; returns eval.json's content."""
     import torch
 
-    from dph.distributed import Ranks
-    from dph.engines import build_engine
-    from dph.evaluation import Evaluator
-    from dph.loggers import build_logger
-    from dph.models import load_policy, resolve_model_dir
-    from dph.plots import plot_passk_curves
-    from dph.train import setup
-    from dph.trainer import _max_model_len, _unique_tasks
     from dph import checkpoint
+    from dph.builders import build_evaluator, build_rollout_engine, load_initial_policy, run_tasks, setup
+    from dph.distributed import Ranks
+    from dph.loggers import build_logger
+    from dph.models import load_policy
+    from dph.plots import plot_passk_curves
 
     task, eval_sets = setup(cfg)
+    tasks = run_tasks(task, eval_sets)
     run_dir = Path(cfg.run_dir).expanduser() if cfg.get("run_dir") else None
     specs = resolve_models(list(cfg.models or (["initial", "trained"] if run_dir else ["initial"])), run_dir)
     from accelerate import Accelerator
@@ -131,24 +129,21 @@ def evaluate_models(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     ranks = Ranks(acc)
     logger = build_logger(OmegaConf.to_container(cfg.logger, resolve=True), out_dir, checkpoint.run_config(cfg)) \
         if ranks.is_main else None
-    g = cfg.generation
     results: dict[str, Any] = {}
     curves: dict[str, dict[str, list[tuple[int, float]]]] = {}
     baseline = None
     try:
         for spec in specs:
-            model_dir = spec.model_dir or resolve_model_dir(
-                cfg.model, _unique_tasks([task, *(e.task for e in eval_sets)]), cfg.paths.cache_dir)
-            policy, tokenizer = load_policy(model_dir, cfg.model, acc.device)
+            if spec.model_dir is None:
+                model_dir, policy, tokenizer = load_initial_policy(cfg, tasks, acc.device)
+            else:
+                model_dir = spec.model_dir
+                policy, tokenizer = load_policy(model_dir, cfg.model, acc.device)
             if spec.checkpoint is not None:
                 checkpoint.load_policy_weights(policy, spec.checkpoint)
             policy.eval()
-            engine = build_engine(cfg.rollout, policy, tokenizer, model_dir=model_dir, batch_size=g.batch_size,
-                                  max_model_len=_max_model_len(policy))
-            evaluator = Evaluator(eval_sets, tokenizer, ranks, n=cfg.eval.n, max_prompts=cfg.eval.max_prompts,
-                                  sample_rows=cfg.eval.sample_rows, temperature=g.temperature, top_p=g.top_p,
-                                  max_new_tokens=g.max_new_tokens, chat_template=cfg.model.chat_template,
-                                  micro_batch_size=cfg.trainer.micro_batch_size, seed=cfg.seed)
+            engine = build_rollout_engine(cfg, policy, tokenizer, model_dir, tasks)
+            evaluator = build_evaluator(cfg, eval_sets, tokenizer, ranks)
             try:
                 if spec.checkpoint is not None:
                     engine.update_weights(policy)
@@ -189,17 +184,12 @@ def evaluate_models(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
 def main(cfg: DictConfig) -> None:
     from dph.cluster import prepare_job_process
 
+    from dph.builders import cli
+
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     prepare_job_process()
-    try:
-        cfg = compose_for_run(cfg)
-        out = evaluate_models(cfg, out_dir)
-    except ConfigError as e:
-        from dph.train import remove_if_empty
-
-        remove_if_empty(out_dir)
-        sys.stderr.write(f"dph-eval: error: {e}\n")
-        sys.exit(2)
+    cfg = cli("dph-eval", out_dir, lambda: compose_for_run(cfg))
+    out = cli("dph-eval", out_dir, lambda: evaluate_models(cfg, out_dir))
     lines = [f"dph-eval: done: {out_dir}"]
     for label, r in out["models"].items():
         cells = [f"{k.removeprefix('eval/')} {v:.3f}" for k, v in r["metrics"].items()

@@ -5,7 +5,8 @@ rollout engine and scored by the split's verifier. Logged under `eval/<split>/`:
 
 - `pass@k` for k = 1, 2, 4, ..., n: the unbiased estimator 1 - C(n - c, k) / C(n, k) per prompt,
   averaged over prompts; `reward_mean` (= pass@1), `entropy` (mean per-token entropy of the policy
-  on its samples), `distinct_correct` (distinct correct answers per prompt);
+  on its samples), `distinct_correct` (distinct correct answers per prompt), `truncated_frac`
+  (samples cut at generation.max_new_tokens, scored as unfinished: dph.scoring);
 - against the step-0 evaluation of the initial policy (dph.metrics.forgetting): `forgotten`,
   `newly_solved` and `solution_coverage`.
 
@@ -19,7 +20,7 @@ that evaluations differ by the policy alone and are reproducible after a resume.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,8 +28,8 @@ import torch
 
 from dph.distributed import Ranks
 from dph.metrics import forgetting, ks_up_to, pass_at_k_mean
-from dph.models import encode_prompts
 from dph.rollout import logprobs_no_grad
+from dph.scoring import finished_flags, score_responses
 from dph.seeding import stage_seed
 from dph.tasks import Task
 
@@ -66,7 +67,7 @@ class Evaluator:
     """Evaluates a policy through a rollout engine on `eval_sets` (see the module docstring)."""
 
     eval_sets: Sequence[EvalSet]
-    tokenizer: Any
+    encode: Callable[[Sequence[str]], list[list[int]]]  # prompts -> token ids (dph.builders.PromptEncoder)
     ranks: Ranks
     n: int
     max_prompts: int | None
@@ -74,7 +75,6 @@ class Evaluator:
     temperature: float
     top_p: float
     max_new_tokens: int
-    chat_template: bool
     micro_batch_size: int
     seed: int
 
@@ -103,18 +103,19 @@ class Evaluator:
         mine = self.ranks.shard(problems)
         local: list[PromptResult] = []
         rows: list[dict[str, Any]] = []
-        sums = {"entropy_sum": 0.0, "tokens": 0.0}
+        sums = {"entropy_sum": 0.0, "tokens": 0.0, "truncated": 0.0}
         if mine:
-            prompts = encode_prompts(self.tokenizer, [p.prompt for p in mine], self.chat_template)
-            batch = engine.generate(prompts, n=n, max_new_tokens=self.max_new_tokens, temperature=self.temperature,
+            batch = engine.generate(self.encode([p.prompt for p in mine]), n=n, max_new_tokens=self.max_new_tokens, temperature=self.temperature,
                                     top_p=self.top_p, seed=stage_seed(self.seed, "eval", es.label, self.ranks.index))
             _, entropy = logprobs_no_grad(policy, batch, self.temperature, n, self.micro_batch_size)
-            sums = {"entropy_sum": float(entropy.sum()), "tokens": float(batch.response_mask.sum())}
+            all_scores = score_responses(es.task, mine, batch)
+            sums = {"entropy_sum": float(entropy.sum()), "tokens": float(batch.response_mask.sum()),
+                    "truncated": float(sum(not done for done in finished_flags(batch)))}
             for i, problem in enumerate(mine):
-                texts = batch.texts[i * n : (i + 1) * n]
-                scores = [es.task.score(problem, t) for t in texts]
-                answers = sorted({s.answer for s in scores if s.reward > 0 and s.answer is not None})
-                local.append(PromptResult(problem.id, sum(s.reward > 0 for s in scores), tuple(answers)))
+                texts, scores = batch.texts[i * n : (i + 1) * n], all_scores[i * n : (i + 1) * n]
+                solved = [s.status == "correct" for s in scores]
+                answers = sorted({s.answer for s, ok in zip(scores, solved) if ok and s.answer is not None})
+                local.append(PromptResult(problem.id, sum(solved), tuple(answers)))
                 if len(rows) < self.sample_rows:
                     s = scores[0]
                     rows.append({"prompt_id": problem.id, "prompt": problem.prompt, "response": texts[0],
@@ -127,6 +128,7 @@ class Evaluator:
         metrics["reward_mean"] = sum(counts) / (n * len(counts))
         metrics["entropy"] = s["entropy_sum"] / max(1.0, s["tokens"])
         metrics["distinct_correct"] = sum(len(r.answers) for r in results) / len(results)
+        metrics["truncated_frac"] = s["truncated"] / (n * len(counts))
         return metrics, results, samples
 
 

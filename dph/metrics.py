@@ -39,6 +39,7 @@ METRICS: dict[str, str] = {
     "train/updated_token_frac": "fraction of valid tokens kept by the high-entropy token selection",
     "train/entropy_coef": "coefficient of the entropy bonus (fixed, or the adaptive one's current value)",
     "train/response_length": "mean response length in tokens",
+    "train/truncated_frac": "fraction of the step's rollouts cut at generation.max_new_tokens (finish reason length)",
     "train/lr": "learning rate of the step",
     "train/engine_logprob_diff": "mean |engine - trainer| log-prob of the rollouts' tokens (an engine that reports "
                                  "its own log-probs, e.g. vllm): how far the engine's numerics are from the trainer's",
@@ -58,6 +59,7 @@ METRICS: dict[str, str] = {
     "eval/<split>/entropy": "mean per-token entropy of the policy on the sampled responses",
     "eval/<split>/reward_mean": "mean reward over all samples (equals pass@1)",
     "eval/<split>/distinct_correct": "distinct correct answers per prompt, averaged over prompts",
+    "eval/<split>/truncated_frac": "fraction of the samples cut at generation.max_new_tokens (finish reason length)",
     # forgetting, against the initial policy's evaluation at step 0 (same prompts, same eval.n; see forgetting())
     "eval/<split>/forgotten": "fraction of the prompts the initial policy solved (at least one correct sample "
                               "at step 0) that the current policy solves in none of its eval.n samples",
@@ -99,7 +101,8 @@ def ks_up_to(n: int) -> list[int]:
     return ks if ks[-1] == n else ks + [n]
 
 
-EVAL_SCALARS = ("entropy", "reward_mean", "distinct_correct", "forgotten", "newly_solved", "solution_coverage")
+EVAL_SCALARS = ("entropy", "reward_mean", "distinct_correct", "truncated_frac", "forgotten", "newly_solved",
+                "solution_coverage")
 
 
 def eval_metric_names(split: str, n: int) -> list[str]:

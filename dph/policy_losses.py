@@ -9,7 +9,7 @@ Every registered loss has the signature
         -> (loss_mat [B, T], metrics)
 
 loss_mat is the per-token loss to minimise, 0 where mask is 0; the caller aggregates it with
-dph.algos.agg_loss (a loss_agg mode). `params` are the loss's own keyword parameters (see
+dph.aggregation.agg_loss (a loss_agg mode). `params` are the loss's own keyword parameters (see
 policy_loss_params); `generator` seeds the losses that draw random numbers (clip_cov). Metrics are
 detached 0-dim tensors whose keys, prefixed with "train/", are documented in dph.metrics.METRICS.
 Every loss reports clip_frac, ratio_mean and approx_kl over the valid tokens, as ppo_clip does.

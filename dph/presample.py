@@ -33,8 +33,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dph.fileio import building, new_dir, sha256_file
-from dph.models import encode_prompts, fingerprint_hash
+from dph.models import fingerprint_hash
 from dph.rollout import SequenceBatch, token_logprobs
+from dph.scoring import score_responses
 from dph.seeding import stage_seed
 from dph.tasks import Problem, Task
 
@@ -68,12 +69,12 @@ class ReferenceData:
         return self.batch.select(rows), self.ref_logprobs[rows]
 
 
-def presample_spec(model_fp: dict, task: Task, cfg) -> dict[str, Any]:
+def presample_spec(model_fp: dict, task: Task, cfg, encode) -> dict[str, Any]:
     """Everything that determines the pre-sampling result; its hash is the cache key."""
     return {
         "format": FORMAT_VERSION,
         "model": model_fp,
-        "chat_template": bool(cfg.model.chat_template),
+        **encode.spec(),  # how prompts become tokens (chat template, system prompt, prefill)
         "task": {"name": task.name, **task.fingerprint()},
         "presample": {k: cfg.presample[k] for k in ("n", "temperature", "threshold")},
         "max_new_tokens": cfg.generation.max_new_tokens,
@@ -83,10 +84,11 @@ def presample_spec(model_fp: dict, task: Task, cfg) -> dict[str, Any]:
     }
 
 
-def load_or_build(engine, policy, tokenizer, task: Task, model_fp: dict, cfg, cache_dir: str | Path) -> ReferenceData:
-    """Reuse the cache for this key when it is valid; otherwise pre-sample it (responses drawn by the
-    rollout `engine`, log-probs computed with `policy`, the initial policy) and write it."""
-    spec = presample_spec(model_fp, task, cfg)
+def load_or_build(engine, policy, encode, task: Task, model_fp: dict, cfg, cache_dir: str | Path) -> ReferenceData:
+    """Reuse the cache for this key when it is valid; otherwise pre-sample it (prompts encoded by
+    `encode`, a dph.builders.PromptEncoder; responses drawn by the rollout `engine`; log-probs computed
+    with `policy`, the initial policy) and write it."""
+    spec = presample_spec(model_fp, task, cfg, encode)
     key = fingerprint_hash(spec)
     target = Path(cache_dir) / "presample" / key
     with building(target, "the pre-sampling cache"):
@@ -98,7 +100,7 @@ def load_or_build(engine, policy, tokenizer, task: Task, model_fp: dict, cfg, ca
             except CacheMismatch as e:
                 log.warning("Pre-sampling cache %s is not valid (%s): rebuilding it", target, e)
         with new_dir(target) as tmp:
-            _build(engine, policy, tokenizer, task, spec, key, cfg, tmp)
+            _build(engine, policy, encode, task, spec, key, cfg, tmp)
         log.info("Wrote the pre-sampling cache %s", target)
     return _load(target, key)
 
@@ -125,7 +127,7 @@ def _load(directory: Path, key: str) -> ReferenceData:
 
 
 @torch.no_grad()
-def _build(engine, policy, tokenizer, task: Task, spec: dict, key: str, cfg, out_dir: Path) -> None:
+def _build(engine, policy, encode, task: Task, spec: dict, key: str, cfg, out_dir: Path) -> None:
     from tqdm.auto import tqdm
 
     p = cfg.presample
@@ -137,10 +139,9 @@ def _build(engine, policy, tokenizer, task: Task, spec: dict, key: str, cfg, out
     kept_index: list[int] = []
     for index, start in enumerate(tqdm(range(0, len(problems), chunk), desc="pre-sampling", unit="batch")):
         part = problems[start : start + chunk]
-        ids = encode_prompts(tokenizer, [q.prompt for q in part], cfg.model.chat_template)
-        batch = engine.generate(ids, n=p.n, max_new_tokens=cfg.generation.max_new_tokens,
+        batch = engine.generate(encode([q.prompt for q in part]), n=p.n, max_new_tokens=cfg.generation.max_new_tokens,
                                 temperature=p.temperature, top_p=1.0, seed=stage_seed(p.seed, "presample", index))
-        correct = torch.tensor([task.score(part[i // p.n], text).reward > 0 for i, text in enumerate(batch.texts)])
+        correct = torch.tensor([s.status == "correct" for s in score_responses(task, part, batch)])
         for j in range(len(part)):
             c = int(correct[j * p.n : (j + 1) * p.n].sum())
             pass_counts.append(c)
@@ -151,7 +152,7 @@ def _build(engine, policy, tokenizer, task: Task, spec: dict, key: str, cfg, out
     pef = [q.id for q, c in zip(problems, pass_counts, strict=True) if c / p.n >= p.threshold]
     exp = [q.id for q, c in zip(problems, pass_counts, strict=True) if c / p.n < p.threshold]
 
-    tensors = _stack(kept, tokenizer.pad_token_id)
+    tensors = _stack(kept, encode.pad_id)
     if tensors is not None:
         logps = [token_logprobs(policy, tensors.select(slice(i, i + 256)), cfg.generation.temperature)[0]
                  for i in range(0, len(tensors), 256)]

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import re
-import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -17,55 +15,10 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from dph.config import ConfigError, package_root, split_eval_spec, validate
+from dph.builders import PromptEncoder, build_rollout_engine, cli, device_of, load_initial_policy, run_tasks, setup
+from dph.config import package_root
 
 log = logging.getLogger(__name__)
-
-
-def setup(cfg: DictConfig):
-    """Build the task and eval sets and validate the config; nothing expensive happens here."""
-    from dph.evaluation import EvalSet
-
-    task = _build_task(cfg.task, "task")
-    tasks = {task.name: task}
-    for spec in cfg.eval.splits or []:
-        other, _ = split_eval_spec(str(spec), task.name)
-        if other not in tasks:
-            tasks[other] = _load_other_task(cfg, other)
-    labels = validate(cfg, {name: t.split_names for name, t in tasks.items()})
-    eval_sets = []
-    for label in labels:
-        name, split = split_eval_spec(label, task.name)
-        eval_sets.append(EvalSet(label, tasks[name], split))
-    return task, eval_sets
-
-
-def _load_other_task(cfg: DictConfig, label: str):
-    """A task evaluated out of domain: `eval.tasks.<label>` (a task name and the keys that differ
-    from its conf/task/<name>.yaml), else the task named `label` as its conf/task/<label>.yaml."""
-    from dph.tasks import TASKS
-
-    extra = (cfg.eval.get("tasks") or {}).get(label)
-    name = extra.get("name", label) if extra is not None else label
-    if name not in TASKS:
-        where = f"eval.tasks.{label}.name={name!r}" if extra is not None else f"eval.splits names task {label!r}"
-        raise ConfigError(f"{where}: choose a task of {', '.join(sorted(TASKS))} "
-                          "(or define the label under eval.tasks, e.g. eval.tasks.spider={name: sql, source: spider})")
-    task_cfg = OmegaConf.load(package_root() / "conf" / "task" / f"{name}.yaml")
-    if extra is not None:
-        task_cfg = OmegaConf.merge(task_cfg, extra)
-    source = f"eval.tasks.{label}" if extra is not None else f"conf/task/{name}.yaml"
-    return _build_task(task_cfg, f"eval.splits: task {label} ({source})")
-
-
-def _build_task(task_cfg: DictConfig, where: str):
-    """The task of a config node; a bad key or a missing data file is a ConfigError naming `where`."""
-    from dph.tasks import build_task
-
-    try:
-        return build_task(OmegaConf.to_container(task_cfg, resolve=True))
-    except (KeyError, TypeError, ValueError, FileNotFoundError) as e:
-        raise ConfigError(f"{where}: {e}") from e
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
@@ -110,7 +63,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         summary = {**trainer.state.history, "train/step": trainer.state.step}
         if ok:
             summary.update({f"initial/{k}": v for k, v in trainer.state.initial_metrics.items()})
-            summary.update(trainer.split_summary())
+            summary.update(trainer.split_metrics())
             summary["model_dir"] = str(trainer.model_dir)
             summary["trained_model"] = str(trainer.save_policy()) if cfg.trainer.save_model else None
         if trainer.acc.is_main_process:
@@ -187,33 +140,13 @@ def objective(cfg: DictConfig, history: dict[str, Any]) -> float | list[float]:
 @hydra.main(version_base="1.3", config_path=str(package_root() / "conf"), config_name="config")
 def main(cfg: DictConfig) -> float | list[float] | None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    try:
-        summary = run(cfg, run_dir)
-    except ConfigError as e:
-        if HydraConfig.get().mode == RunMode.MULTIRUN:
-            raise  # the sweeper records the job as failed
-        remove_if_empty(run_dir)
-        sys.stderr.write(f"dph-train: error: {e}\n")
-        sys.exit(2)
+    summary = cli("dph-train", run_dir, lambda: run(cfg, run_dir), multirun=HydraConfig.get().mode == RunMode.MULTIRUN)
     if int(os.environ.get("RANK", "0")) == 0:
         sys.stdout.write(result_block(summary, run_dir))
         sys.stdout.flush()
     if cfg.optimized_metric is None:
         return None
     return objective(cfg, summary)
-
-
-def remove_if_empty(run_dir: Path) -> None:
-    """Remove a run directory that holds only what Hydra wrote before the run was refused (its .hydra/
-    and the job's log), and the date folder of the default layout (runs/<date>/<time>) when that is
-    left empty."""
-    hydra_files = {".hydra", f"{HydraConfig.get().job.name}.log"}
-    if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= hydra_files:
-        logging.shutdown()
-        shutil.rmtree(run_dir, ignore_errors=True)
-        if re.fullmatch(r"\d{4}-\d{2}-\d{2}", run_dir.parent.name):
-            with contextlib.suppress(OSError):
-                run_dir.parent.rmdir()  # only if empty
 
 
 class MultirunDirCallback(Callback):
@@ -232,34 +165,30 @@ def presample_main(cfg: DictConfig) -> None:
     exists; running it first lets several runs or sweep trials start from a ready cache.
     """
     from dph.cluster import prepare_job_process
-    from dph.engines import build_engine
-    from dph.models import load_policy, model_fingerprint, resolve_model_dir
-    from dph.presample import load_or_build, split_metrics
-    from dph.trainer import _max_model_len, _unique_tasks
 
     prepare_job_process()
-    try:
-        task, eval_sets = setup(cfg)
-    except ConfigError as e:
-        sys.stderr.write(f"dph-presample: error: {e}\n")
-        sys.exit(2)
-    tasks = _unique_tasks([task, *(e.task for e in eval_sets)])
-    model_dir = resolve_model_dir(cfg.model, tasks, cfg.paths.cache_dir)
-    policy, tokenizer = load_policy(model_dir, cfg.model, "cuda" if cfg.device != "cpu" and _cuda() else "cpu")
-    engine = build_engine(cfg.rollout, policy, tokenizer, model_dir=model_dir, batch_size=cfg.generation.batch_size,
-                          max_model_len=_max_model_len(policy))
-    try:
-        data = load_or_build(engine, policy, tokenizer, task, model_fingerprint(model_dir), cfg, cfg.paths.cache_dir)
-    finally:
-        engine.close()
-    for key, value in split_metrics(data.manifest).items():
+    out_dir = Path(HydraConfig.get().runtime.output_dir)
+    for key, value in cli("dph-presample", out_dir, lambda: presample(cfg)).items():
         log.info("%s: %s", key, value)
 
 
-def _cuda() -> bool:
-    import torch
+def presample(cfg: DictConfig) -> dict[str, Any]:
+    """Build (or find) the pre-sampling cache of this config; returns its split metrics."""
+    from dph.models import model_fingerprint
+    from dph.reference import Rehearsal
 
-    return torch.cuda.is_available()
+    task, eval_sets = setup(cfg)
+    tasks = run_tasks(task, eval_sets)
+    model_dir, policy, tokenizer = load_initial_policy(cfg, tasks, device_of(cfg))
+    encode = PromptEncoder(cfg, tokenizer)
+    encode.check()
+    engine = build_rollout_engine(cfg, policy, tokenizer, model_dir, tasks)
+    try:
+        rehearsal = Rehearsal.load_or_build(engine, policy, encode, task, model_fingerprint(model_dir), cfg)
+    finally:
+        engine.close()
+    rehearsal.exploration_problems(task)  # an empty side of the split is an error here too
+    return rehearsal.split_metrics()
 
 
 if __name__ == "__main__":

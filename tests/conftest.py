@@ -133,12 +133,11 @@ def tiny_model(cache_dir) -> Path:
     """The tiny base model of TINY_OVERRIDES, built once into the session cache (in-process, so
     that every dph-train subprocess of the session finds it there and only loads it)."""
     from dph.models import resolve_model_dir
-    from dph.train import setup
-    from dph.trainer import _unique_tasks
+    from dph.builders import run_tasks, setup
 
     cfg = compose_config(with_overrides(TINY_OVERRIDES, f"paths.cache_dir={cache_dir}"))
     task, eval_sets = setup(cfg)
-    tasks = _unique_tasks([task, *(e.task for e in eval_sets)])
+    tasks = run_tasks(task, eval_sets)
     return resolve_model_dir(cfg.model, tasks, cfg.paths.cache_dir)
 
 

@@ -5,15 +5,9 @@ import math
 import pytest
 import torch
 
-from dph.algos import (
-    LOSS_AGGREGATIONS,
-    agg_loss,
-    agg_denominator,
-    agg_numerator,
-    group_advantages,
-    ppo_clip_loss,
-    register_loss_agg,
-)
+from dph.advantages import group_advantages
+from dph.aggregation import LOSS_AGGREGATIONS, agg_denominator, agg_loss, agg_numerator, register_loss_agg
+from dph.policy_losses import ppo_clip_loss
 from dph.metrics import METRICS
 
 

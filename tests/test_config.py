@@ -11,7 +11,8 @@ from omegaconf import OmegaConf
 
 from conftest import BAD_VALUES, ROOT, compose_config
 from dph.config import ConfigError, split_eval_spec, validate
-from dph.train import objective, setup
+from dph.builders import setup
+from dph.train import objective
 
 CONF = ROOT / "conf"
 ACCELERATE = CONF / "accelerate"  # accelerate's own config files (accelerate launch --config_file), not Hydra's
@@ -207,7 +208,7 @@ def test_response_length_follows_the_task_unless_overridden(task, tmp_path):
 def test_an_eval_task_of_its_own_by_label(tmp_path):
     """eval.tasks.<label> configures another instance of a task (e.g. GSM8K files while training on
     the embedded math), logged under eval/<label>/<split>/...; the base model warms up on both."""
-    from dph.trainer import _unique_tasks
+    from dph.builders import unique_tasks
 
     gsm8k = ROOT / "tests" / "fixtures" / "math" / "gsm8k"
     cfg = compose_config(["task=math", f"+eval.tasks.gsm={{name:math,source:gsm8k,path:'{gsm8k}'}}",
@@ -215,7 +216,7 @@ def test_an_eval_task_of_its_own_by_label(tmp_path):
     task, eval_sets = setup(cfg)
     assert [(e.label, e.task.name, e.split) for e in eval_sets] == [("test", "math", "test"), ("gsm/test", "math", "test")]
     assert eval_sets[1].task.source == "gsm8k" and task.source == "embedded"
-    assert len(_unique_tasks([task, *(e.task for e in eval_sets)])) == 2
+    assert len(unique_tasks([task, *(e.task for e in eval_sets)])) == 2
     bad = compose_config(["+eval.tasks.x={name:nope}", "eval.splits=[test,x/test]"])
     with pytest.raises(ConfigError, match=r"eval.tasks.x.name='nope'"):
         setup(bad)

@@ -9,7 +9,6 @@ import gc
 import json
 import math
 import re
-from collections import defaultdict
 from pathlib import Path
 
 import pytest
@@ -17,6 +16,7 @@ import torch
 
 from conftest import DPH, compose_config, read_jsonl, run_cli, with_overrides
 from dph.loggers import NullLogger
+from dph.losses import rehearsal_loss
 
 EXPERIMENTS = {"forward_kl": "dph_fkl", "js": "dph_js", "alpha": "dph_alpha"}
 DIV_METRICS = ("train/div_value", "train/rehearsal_logprob", "train/div_loss")
@@ -28,7 +28,7 @@ def dph_config(cache_dir: Path, *extra: str):
 
 
 def make_trainer(cfg, run_dir: Path):
-    from dph.train import setup
+    from dph.builders import setup
     from dph.trainer import Trainer
 
     task, eval_sets = setup(cfg)
@@ -65,22 +65,22 @@ def test_dph_trains_on_d_exp_with_no_reference_model(name, cache_dir, tmp_path):
     before = {id(m) for m in live_models()}
     trainer = make_trainer(cfg, tmp_path)
 
-    assert trainer.reference is None and trainer.reference_data is not None
-    manifest = trainer.reference_data.manifest
+    assert trainer.reference is None and trainer.rehearsal is not None
+    manifest = trainer.rehearsal.data.manifest
     train_ids = [p.id for p in trainer.task.problems("train")]
     assert manifest["d_pef"] and manifest["d_exp"], "the test model must put prompts on both sides"
     assert sorted(manifest["d_pef"] + manifest["d_exp"]) == sorted(train_ids)
     assert [p.id for p in trainer.prompts.problems] == manifest["d_exp"]
 
     sampled, alive = [], []
-    sample = trainer._sample
+    sample = trainer.experience.sample
 
     def watched_sample(problems, n, seed):
         sampled.extend(p.id for p in problems)
         alive.append([m for m in live_models() if id(m) not in before])
         return sample(problems, n, seed)
 
-    trainer._sample = watched_sample
+    trainer.experience.sample = watched_sample
     for step in (1, 2):
         metrics = trainer.train_step(step)
         for key in DIV_METRICS:
@@ -89,7 +89,7 @@ def test_dph_trains_on_d_exp_with_no_reference_model(name, cache_dir, tmp_path):
         assert metrics["train/div_value"] >= -1e-6  # f >= 0 (up to rounding near u = 1)
 
     assert sampled and set(sampled) <= set(manifest["d_exp"])  # RL never sees a D_pef prompt
-    assert alive and all(models == [trainer.generator_model] for models in alive), (
+    assert alive and all(models == [trainer.learner.unwrapped_policy] for models in alive), (
         "exactly one model (the policy) may be alive while DPH trains"
     )
 
@@ -99,7 +99,7 @@ def test_online_reverse_kl_holds_a_second_model(cache_dir, tmp_path):
     cfg = dph_config(cache_dir, "experiment=grpo_kl")
     before = {id(m) for m in live_models()}
     trainer = make_trainer(cfg, tmp_path)
-    assert trainer.reference is not None and trainer.reference_data is None
+    assert trainer.reference is not None and trainer.rehearsal is None
     assert len([m for m in live_models() if id(m) not in before]) == 2
     assert len(trainer.prompts.problems) == len(trainer.task.problems("train"))  # RL on every prompt
     metrics = trainer.train_step(1)
@@ -114,23 +114,23 @@ def test_rehearsal_batch_smaller_than_minibatches(cache_dir, tmp_path):
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_rehearsal_gradient_is_weight_times_divergence_gradient(name, cache_dir, tmp_path):
-    """_rehearsal_loss backpropagates exactly w * grad of the token-mean D_f estimate on the stored
+    """dph.losses.rehearsal_loss backpropagates exactly w * grad of the token-mean D_f estimate on the stored
     samples, with the log-probs and f written out by hand here."""
     weight = 0.3
     cfg = dph_config(cache_dir, f"experiment={EXPERIMENTS[name]}", f"divergence.weight={weight}")
     trainer = make_trainer(cfg, tmp_path)
-    policy = trainer.generator_model
+    policy = trainer.learner.unwrapped_policy
     params = [p for p in policy.parameters() if p.requires_grad]
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():  # move away from the initial policy: at u = 1 every gradient is zero
         for p in params:
             p.add_(0.05 * torch.randn(p.shape, generator=g))
-    batch, ref_logp = trainer.reference_data.draw(8, torch.Generator().manual_seed(1))
+    batch, ref_logp = trainer.rehearsal.draw(8, torch.Generator().manual_seed(1), "cpu")
     mask = batch.response_mask.float()
 
     policy.zero_grad(set_to_none=True)
-    sums = defaultdict(float)
-    loss = trainer._rehearsal_loss(batch, ref_logp, trainer._denominator(mask), sums)
+    objective = trainer.learner.objective
+    loss, _ = rehearsal_loss(objective, trainer.learner.policy, batch, ref_logp, objective.denominator(mask))
     loss.backward()
     got = [p.grad.clone() for p in params]
 

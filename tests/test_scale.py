@@ -10,11 +10,11 @@ from conftest import DPH, compose_config, with_overrides
 from dph import divergences
 from dph.loggers import NullLogger
 from dph.models import char_tokenizer, enable_checkpointing, load_policy
-from dph.rollout import collate, token_logprobs
+from dph.rollout import collate, logprobs_no_grad, token_logprobs
 
 
 def make_trainer(cfg, run_dir):
-    from dph.train import setup
+    from dph.builders import setup
     from dph.trainer import Trainer
 
     task, eval_sets = setup(cfg)
@@ -25,20 +25,21 @@ def test_lora_trains_the_adapter_and_its_base_is_the_reference(cache_dir, tmp_pa
     cfg = compose_config(with_overrides(DPH, f"paths.cache_dir={cache_dir}", "experiment=grpo_kl", "model.lora.r=8",
                                         "optimizer.lr=5e-2", "trainer.checkpoint_every=0"))
     trainer = make_trainer(cfg, tmp_path)
-    assert trainer.reference is None  # no second copy of the weights
-    trainable = {n for n, p in trainer.generator_model.named_parameters() if p.requires_grad}
+    assert trainer.reference.model is None  # no second copy of the weights: the base with adapters off
+    trainable = {n for n, p in trainer.learner.unwrapped_policy.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n for n in trainable)
-    frozen = {n: p.detach().clone() for n, p in trainer.generator_model.named_parameters() if not p.requires_grad}
+    frozen = {n: p.detach().clone() for n, p in trainer.learner.unwrapped_policy.named_parameters() if not p.requires_grad}
     for step in (1, 2):
         trainer.train_step(step)
-    assert all(torch.equal(p, frozen[n]) for n, p in trainer.generator_model.named_parameters() if n in frozen)
+    assert all(torch.equal(p, frozen[n]) for n, p in trainer.learner.unwrapped_policy.named_parameters() if n in frozen)
 
     initial, _ = load_policy(trainer.model_dir, cfg.model)  # a separate frozen copy of the initial policy
-    batch = trainer._sample(trainer.task.problems("test")[:4], 4, seed=7)
+    batch = trainer.sample(trainer.task.problems("test")[:4], 4, seed=7)
     with torch.no_grad():
         expected = token_logprobs(initial, batch, cfg.generation.temperature, 4)[0]
-        current = trainer._forward_no_grad(trainer.policy, batch, 4)[0]
-    torch.testing.assert_close(trainer._reference_logprobs(batch), expected, rtol=0, atol=1e-5)
+        current = logprobs_no_grad(trainer.learner.policy, batch, cfg.generation.temperature, 4, 64)[0]
+    reference = trainer.reference.logprobs(trainer.learner.policy, batch, cfg.generation.temperature, 4, 64)
+    torch.testing.assert_close(reference, expected, rtol=0, atol=1e-5)
     assert (current - expected).abs().max() > 1e-3  # the adapter did move the policy
 
     saved = trainer.save_policy()

@@ -101,7 +101,7 @@ def build_model(out_dir: Path, args) -> dict:
     if args.base == "tiny":
         # dph's own tiny base model (built with its supervised warm-up, cached in the temporary dir).
         from dph.models import resolve_model_dir
-        from dph.train import setup
+        from dph.builders import setup
 
         task, _ = setup(tiny_cfg)
         src = resolve_model_dir(tiny_cfg.model, [task], tiny_cfg.paths.cache_dir)
@@ -148,7 +148,7 @@ def dph_worker(conn, model_dir: str, run_root: str, args) -> None:
     _set_threads(args)
 
     from dph.loggers import NullLogger
-    from dph.train import setup
+    from dph.builders import setup
     from dph.trainer import Trainer
 
     cfg = compose_dph_config(Path(model_dir), Path(run_root), args)
@@ -183,7 +183,7 @@ def trl_worker(conn, model_dir: str, run_root: str, args) -> None:
     _set_threads(args)
 
     cfg = compose_dph_config(Path(model_dir), Path(run_root), args)
-    from dph.train import setup
+    from dph.builders import setup
 
     task, _ = setup(cfg)
     problems = task.problems("train")

@@ -77,11 +77,12 @@ def worker(model: str, engine: str, args) -> dict:
     """Train `--warmup + --steps` steps with the real Trainer; the timings of the timed steps."""
     from hydra import compose, initialize_config_dir
 
+    import dph.builders
     import dph.trainer
     from dph.config import package_root
     from dph.loggers import NullLogger
     from dph.threads import configure_threads
-    from dph.train import setup
+    from dph.builders import setup
 
     configure_threads(None)
     with initialize_config_dir(config_dir=str(package_root() / "conf"), version_base="1.3"):
@@ -99,7 +100,7 @@ def worker(model: str, engine: str, args) -> dict:
                 timings[name].append(time.perf_counter() - t)
         return wrapper
 
-    dph.trainer.build_engine = timed("start", dph.trainer.build_engine)
+    dph.builders.build_rollout_engine = timed("start", dph.builders.build_rollout_engine)
     trainer = dph.trainer.Trainer(cfg, task, eval_sets, Path(tempfile.mkdtemp(dir=args.work)), NullLogger())
     trainer.engine.generate = timed("generate", trainer.engine.generate)
     trainer.engine.update_weights = timed("update_weights", trainer.engine.update_weights)
@@ -120,7 +121,7 @@ def worker(model: str, engine: str, args) -> dict:
                 "engine_logprob_diff_max": metrics.get("train/engine_logprob_diff_max"),
             })
     trainer.close()
-    params = sum(p.numel() for p in trainer.policy.parameters())
+    params = sum(p.numel() for p in trainer.learner.policy.parameters())
     return {"start_s": timings["start"][0], "steps": steps, "params": params}
 
 

@@ -1,12 +1,9 @@
-"""GRPO pieces: loss aggregation; group_advantages and ppo_clip_loss, re-exported.
+"""Loss aggregation: how per-token losses [B, T] become one scalar (`algorithm.loss_agg`).
 
-Advantage estimators live in dph.advantages (ADVANTAGES) and policy losses in dph.policy_losses
-(POLICY_LOSSES); group_advantages and ppo_clip_loss are imported here so that existing callers keep
-working.
+Each mode is registered in LOSS_AGGREGATIONS and gives (numerator, denominator), so that
+micro-batches can share the full batch's denominator (exact gradient accumulation).
 
 Shapes: B sequences, T response positions; `mask` [B, T] is 1 (or True) on valid response tokens.
-Math functions return `(tensor, metrics)`; metric values are detached 0-dim tensors (no device
-sync here) whose keys, prefixed with "train/", are names documented in dph.metrics.METRICS.
 """
 
 from __future__ import annotations
@@ -15,9 +12,6 @@ from typing import Callable
 
 import torch
 from torch import Tensor
-
-from dph.advantages import group_advantages  # noqa: F401  (re-exported)
-from dph.policy_losses import LOG_RATIO_CLAMP, ppo_clip_loss  # noqa: F401  (re-exported)
 
 
 # Loss aggregation: each mode gives (numerator, denominator) so that micro-batches can share the
