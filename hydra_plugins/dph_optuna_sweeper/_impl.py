@@ -25,11 +25,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
-import threading
-import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -50,6 +47,7 @@ from dph.sweep_report import (FAIL_REASON_ATTR, INTERRUPTED_ATTR, JOB_DIR_ATTR, 
                               write_report)
 
 from ._errors import SweepConfigError
+from ._heartbeat import Heartbeats
 from ._search_space import SearchSpace, SearchSpaceError, fixed_overrides, param_text, quote
 
 log = logging.getLogger(__name__)
@@ -58,7 +56,6 @@ DIRECTIONS = ("maximize", "minimize")
 MAX_REASON_CHARS = 2000
 RESUMES_ATTR = "resumes_trial"  # user attribute: the interrupted trial (and job directory) this trial continues
 FIXED_OVERRIDES_ATTR = "fixed_overrides"   # study (and changed-resume trial) user attribute: name -> override
-HEARTBEAT_ATTR = "heartbeat"               # trial user attribute: its sweep records its heartbeat
 
 
 def _tpe(seed: int | None, space: SearchSpace, kwargs: Mapping[str, Any]) -> optuna.samplers.BaseSampler:
@@ -139,7 +136,7 @@ class OptunaSweeperImpl(Sweeper):
         self.heartbeat_interval = heartbeat_interval
         self.grace_period = grace_period
         self.resume_with_changed_overrides = resume_with_changed_overrides
-        self.heartbeat = False              # whether this sweep's storage records heartbeats (RDB only)
+        self.heartbeats = Heartbeats(None, 0, None, None)  # this sweep's trials' heartbeats (RDB storages only)
         self.changed_overrides: dict[str, str] | None = None   # set on a resume allowed to change them
         self.hydra_context: HydraContext | None = None
         self.config: DictConfig | None = None
@@ -230,10 +227,10 @@ class OptunaSweeperImpl(Sweeper):
 
         returns: list[Sequence[JobReturn]] = []
         finished = failed = 0
-        while (n_left := n_trials - self._n_counted(study)) > 0 or self._wait_for_other_sweeps(study):
+        while (n_left := n_trials - self._n_counted(study)) > 0 or self.heartbeats.wait_for_other_sweeps(study, self._fail):
             if n_left <= 0:
                 continue  # a trial of another sweep went stale: run it again here
-            batch = [self._ask(study) for _ in range(min(self.n_jobs, n_left))]
+            batch = [self.heartbeats.ask(study) for _ in range(min(self.n_jobs, n_left))]
             job_overrides = []
             for trial in batch:
                 overrides = space.overrides(space.suggest(trial))
@@ -246,14 +243,14 @@ class OptunaSweeperImpl(Sweeper):
                     log.info("trial %d continues interrupted trial %d in its directory (from its checkpoint)",
                              trial.number, resumes)
                 job_overrides.append(overrides + [trial_override(storage_url, self.study_name, trial.number)])
-            with self._heartbeats([trial._trial_id for trial in batch]):
+            with self.heartbeats.beating([trial._trial_id for trial in batch]):
                 results = self._launch(study, batch, job_overrides)
             states = [self._tell(study, trial, result) for trial, result in zip(batch, results)]
             returns.append(results)
             finished += len(states)
             failed += states.count(TrialState.FAIL)
             self._report(study, sweep_dir, storage_url)
-            self._fail_stale_trials(study)
+            self.heartbeats.fail_stale(study, self._fail)
             if failed / finished > self.max_failure_rate:
                 raise RuntimeError(f"{failed} of {finished} trials of this sweep failed, more than "
                                    f"hydra.sweeper.max_failure_rate={self.max_failure_rate}: see fail_reason in "
@@ -269,10 +266,10 @@ class OptunaSweeperImpl(Sweeper):
         local_file = storage_url[len("sqlite:///"):] if storage_url.startswith("sqlite:///") else storage_url
         if not is_rdb_url(local_file):
             Path(local_file).parent.mkdir(parents=True, exist_ok=True)
-        self.heartbeat = is_rdb_url(storage_url) and self.heartbeat_interval is not None
+        heartbeat = is_rdb_url(storage_url) and self.heartbeat_interval is not None
         try:
-            self.storage_obj = open_storage(storage_url, self.heartbeat_interval if self.heartbeat else None,
-                                            self.grace_period if self.heartbeat else None)
+            self.storage_obj = open_storage(storage_url, self.heartbeat_interval if heartbeat else None,
+                                            self.grace_period if heartbeat else None)
         except StorageError as e:
             raise SweepConfigError(f"hydra.sweeper.storage={display_storage(storage_url)} {e}") from None
         study = optuna.create_study(storage=self.storage_obj, study_name=self.study_name,
@@ -284,13 +281,15 @@ class OptunaSweeperImpl(Sweeper):
                                    f"{self.directions}: use another hydra.sweeper.study_name (or storage), or the "
                                    "study's directions")
         self.study_id = self.storage_obj.get_study_id_from_name(self.study_name)
+        if heartbeat:
+            self.heartbeats = Heartbeats(self.storage_obj, self.study_id, self.heartbeat_interval, self.grace_period)
         self._check_fixed_overrides(study, fixed, storage_url)
         self._check_search_space(study, space)
         study.set_user_attr(PRUNER_ATTR, self.pruner_cfg)
         self._set_metric_names(study)
-        self._fail_stale_trials(study)
+        self.heartbeats.fail_stale(study, self._fail)
         for stale in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            if self.heartbeat and stale.user_attrs.get(HEARTBEAT_ATTR):
+            if self.heartbeats.beats_elsewhere(stale):
                 continue  # its sweep records heartbeats: it is running, or will go stale after grace_period
             self._fail(study, stale.number, "left RUNNING by an earlier sweep that did not finish; not counted",
                        interrupted=True)
@@ -341,80 +340,6 @@ class OptunaSweeperImpl(Sweeper):
                     f"hydra.sweeper.params: {param.name} was {_describe(recorded[param.name])} in study "
                     f"{self.study_name}, this sweep asks for {_describe(param.distribution)} ({e}): keep the study's, "
                     "or start a new study with another hydra.sweeper.study_name=... or hydra.sweep.dir=...") from None
-
-    # ------------------------------------------------------------------ heartbeats (RDB storages)
-    def _ask(self, study: optuna.Study) -> optuna.Trial:
-        """A new trial; with a heartbeat, its first heartbeat is recorded at once and the trial flagged,
-        so that it is failed after grace_period if this sweep dies."""
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # "heartbeat is supposed to be used with optimize"
-            trial = study.ask()
-        if self.heartbeat:
-            self.storage_obj.record_heartbeat(trial._trial_id)
-            trial.set_user_attr(HEARTBEAT_ATTR, True)
-        return trial
-
-    @contextlib.contextmanager
-    def _heartbeats(self, trial_ids: list[int]):
-        """Record the heartbeat of ``trial_ids`` every heartbeat_interval seconds while the block runs."""
-        if not self.heartbeat:
-            yield
-            return
-        stop = threading.Event()
-
-        def beat() -> None:
-            while not stop.wait(self.heartbeat_interval):
-                for trial_id in trial_ids:
-                    try:
-                        self.storage_obj.record_heartbeat(trial_id)
-                    except Exception:  # noqa: BLE001 - a missed heartbeat is retried; grace_period covers a few
-                        log.warning("could not record the heartbeat of trial id %d", trial_id, exc_info=True)
-
-        thread = threading.Thread(target=beat, name="optuna-heartbeat", daemon=True)
-        thread.start()
-        try:
-            yield
-        finally:
-            stop.set()
-            thread.join()
-
-    def _fail_stale_trials(self, study: optuna.Study) -> list[int]:
-        """Optuna's fail_stale_trials, with the reason and the ``interrupted`` flag recorded first (an
-        RDB storage refuses attributes on a finished trial): RUNNING trials whose heartbeat is older
-        than grace_period are told FAIL and not counted, so that they are run again."""
-        if not self.heartbeat:
-            return []
-        failed = []
-        for trial_id in self.storage_obj._get_stale_trial_ids(self.study_id):
-            number = self.storage_obj.get_trial_number_from_id(trial_id)
-            try:
-                self._fail(study, number, f"no heartbeat for more than hydra.sweeper.grace_period="
-                           f"{self.grace_period or 2 * self.heartbeat_interval} s: the process of its sweep died; "
-                           "not counted", interrupted=True)
-            except optuna.exceptions.UpdateFinishedTrialError:
-                continue  # another sweep failed (or a late job finished) it first
-            log.warning("trial %d had no heartbeat for the grace period: marked FAIL (not counted)", number)
-            failed.append(number)
-        return failed
-
-    def _wait_for_other_sweeps(self, study: optuna.Study) -> bool:
-        """Every trial is counted: wait while trials of another sweep (with a heartbeat) still run.
-        True when one of them went stale (and so another trial is needed), False when none is left."""
-        if not self.heartbeat:
-            return False
-        announced = False
-        while True:
-            if self._fail_stale_trials(study):
-                return True
-            running = [t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-                       if t.user_attrs.get(HEARTBEAT_ATTR)]
-            if not running:
-                return False
-            if not announced:
-                log.info("waiting for trials %s of another sweep of study %s (failed and run again here if their "
-                         "heartbeat stops for hydra.sweeper.grace_period)", running, self.study_name)
-                announced = True
-            time.sleep(min(self.heartbeat_interval, 10))
 
     def _launch(self, study: optuna.Study, batch: list[optuna.Trial], job_overrides: list[list[str]]) -> Sequence[JobReturn]:
         numbers = [trial.number for trial in batch]
