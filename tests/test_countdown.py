@@ -116,8 +116,13 @@ def test_warmup_problems_mix_distributions_and_avoid_held_out_splits(task):
 
 
 def test_fingerprint_has_every_kwarg_and_version(task):
+    """Every key that shapes the problems; not format_reward (rewards, not data); the template null
+    in the yaml (the prompt preset's) is the plain one when the task is built on its own."""
     fingerprint = task.fingerprint()
     cfg = {k: v for k, v in config().items() if k not in RUN_KEYS or k == "name"}  # the task's own keys
+    assert cfg.pop("format_reward") == 0.0 and "format_reward" not in fingerprint
+    assert cfg["prompt_template"] is None and fingerprint["prompt_template"] == "{numbers} -> {target}: "
+    cfg["prompt_template"] = fingerprint["prompt_template"]
     assert fingerprint["version"] == VERSION and fingerprint["name"] == "countdown"
     assert {k: fingerprint[k] for k in cfg} == cfg
     json.dumps(fingerprint)

@@ -93,7 +93,7 @@ def test_every_solution_path_computes_the_gold_answer():
             for path in paths:  # "3*4=12, 12-5=7" and "3*4-5=12-5=7": every equation holds
                 for step in path.split(", "):
                     assert len({parse_expression(side)[0] for side in step.split("=")}) == 1, path
-                assert as_rational(extract_final_answer(path)) == trees[0].value, path
+                assert as_rational(extract_final_answer(path)[0]) == trees[0].value, path
 
 
 def test_solutions_have_several_paths_and_answer_forms(task):
@@ -117,24 +117,24 @@ def test_solutions_have_several_paths_and_answer_forms(task):
 # --- final answers and the verifier --------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("response", "final"), [
-    ("so the answer is \\boxed{\\frac{3}{4}}.", "\\frac{3}{4}"),
-    ("\\boxed{1} then \\fbox{ 2 }", "2"),
-    ("\\boxed{x^{2}} and more text 7", "x^{2}"),
-    ("\\boxed{3", None),  # an unclosed last box is invalid, even with numbers before it
-    ("Step 1: 5. #### 1,000 dollars\n(check 7)", "1,000"),
-    ("####", None),
-    ("3*4=12, 12-5=7", "7"),
-    ("3/4+1/2=5/4", "5/4"),
-    ("x = -2.5.", "-2.5"),
-    ("12-5", "5"),  # a minus after a digit is an operator
-    ("in 2024abc", None),
-    ("it is \\frac{1}{2}", "\\frac{1}{2}"),
-    ("no numbers", None),
-    ("", None),
+@pytest.mark.parametrize(("response", "final", "marked"), [
+    ("so the answer is \\boxed{\\frac{3}{4}}.", "\\frac{3}{4}", True),
+    ("\\boxed{1} then \\fbox{ 2 }", "2", True),
+    ("\\boxed{x^{2}} and more text 7", "x^{2}", True),
+    ("\\boxed{3", None, True),  # an unclosed last box is invalid, even with numbers before it
+    ("Step 1: 5. #### 1,000 dollars\n(check 7)", "1,000", True),
+    ("####", None, True),
+    ("3*4=12, 12-5=7", "7", False),
+    ("3/4+1/2=5/4", "5/4", False),
+    ("x = -2.5.", "-2.5", False),
+    ("12-5", "5", False),  # a minus after a digit is an operator
+    ("in 2024abc", None, False),
+    ("it is \\frac{1}{2}", "\\frac{1}{2}", False),
+    ("no numbers", None, False),
+    ("", None, False),
 ])
-def test_final_answer_extraction(response, final):
-    assert extract_final_answer(response) == final
+def test_final_answer_extraction(response, final, marked):
+    assert extract_final_answer(response) == (final, marked)
 
 
 def test_equivalent_forms_are_correct_and_others_wrong(task):
@@ -344,7 +344,8 @@ def test_bad_config_and_missing_data_give_one_line_errors(tmp_path):
     one_line(ValueError, r"task.test_size=null \(all\) is for real data", test_size=None)
     one_line(ValueError, r"task.timeout_s=0", timeout_s=0)
     one_line(ValueError, r"task.max_answer_chars", max_answer_chars=0)
-    one_line(ValueError, r"task.prompt_template=.*\{question\}", prompt_template="{q} ")
+    one_line(ValueError, r"task.prompt_template .*unknown field \{q\}.*the fields of math are \{question\}",
+             prompt_template="{q} ")
     one_line(ValueError, r"task.train_size=100000: math found only", train_size=100_000)
     (tmp_path / "train.jsonl").write_text('{"question": "1+1?", "answer": "2"}\n')
     one_line(ValueError, r"record 0 of .*train.jsonl: its answer does not end with '#### ", source="gsm8k",

@@ -148,11 +148,11 @@ def test_prompts_and_answers_are_short(task):
 
 
 def test_extraction_and_normal_form():
-    assert extract_sql("SELECT 1;\nthen some text") == "SELECT 1"
-    assert extract_sql("\n  SELECT  name FROM emp ;;  ") == "SELECT  name FROM emp"
-    assert extract_sql("Here:\n```sql\nSELECT name\nFROM emp;\n```\nDone") == "SELECT name\nFROM emp"
-    assert extract_sql("<think>x</think><answer> SELECT 2 </answer>") == "SELECT 2"
-    assert extract_sql("   \n") == ""
+    assert extract_sql("SELECT 1;\nthen some text") == ("SELECT 1", False)
+    assert extract_sql("\n  SELECT  name FROM emp ;;  ") == ("SELECT  name FROM emp", False)
+    assert extract_sql("Here:\n```sql\nSELECT name\nFROM emp;\n```\nDone") == ("SELECT name\nFROM emp", True)
+    assert extract_sql("<think>x</think><answer> SELECT 2 </answer>") == ("SELECT 2", True)
+    assert extract_sql("   \n") == ("", False)
     assert normalise_sql("SELECT  name\n FROM emp ; ") == "SELECT name FROM emp"
 
 

@@ -3,12 +3,22 @@
 The embedded default task (as in TinyZero-style RLVR work). A problem gives a few numbers and a
 target, e.g. the prompt `"3 5 7 -> 22: "`; a correct response is `3*5+7` or `5*3+7` or `(7-3)*5+...`.
 
-Rules the verifier enforces:
+Prompt template fields: {numbers} ("3 5 7"), {numbers_list} ("[3, 5, 7]", TinyZero's) and {target}.
+The `plain` preset's template is `PLAIN_TEMPLATE` ("{numbers} -> {target}: ").
+
+The answer of a response (read after its last `</think>`: `dph.tasks.base.final_section`) is
+  1. the inside of its LAST `<answer>...</answer>` (TinyZero/verl; a draft answer followed by a
+     corrected one counts the corrected one); else
+  2. the embedded format: its first line, or the inside of `<answer>...</answer>` on that line (an
+     unclosed tag there is invalid). A response cut at max_new_tokens (`finished=False`) gets this
+     fallback only in the embedded default (`plain` template), whose verdicts so stay as before.
+A trailing `= <target>` is tolerated. Rules the verifier enforces on the answer:
   1. Each given number is used exactly once (the literals are exactly the given multiset).
   2. Only integer literals, `+ - * /`, parentheses and spaces. No unary minus, no leading zeros.
   3. Arithmetic is exact (fractions): intermediate fractions are allowed, division by zero is not.
-  4. The answer is the response up to its first newline; if it holds `<answer>...</answer>` the
-     inside is used; a trailing `= <target>` is tolerated.
+A wrong answer (it follows these rules, the value differs) from an `<answer>` tag gets
+`format_reward` (TinyZero: 0.1; TinyZero also gives it to answers that break rules 1-3, which dph
+scores invalid, 0).
 
 Most problems have many correct answers; this is what makes the diversity of a policy measurable.
 Distinct answers are counted as distinct strings with whitespace removed. The solver enumerates
@@ -37,13 +47,24 @@ from fractions import Fraction
 from itertools import product
 from typing import Any
 
-from dph.tasks.base import Problem, Score, Task, VerifierError
+from dph.tasks.base import (
+    Problem,
+    Score,
+    Task,
+    VerifierError,
+    check_format_reward,
+    check_template,
+    final_section,
+    verdict_reward,
+)
 
 log = logging.getLogger(__name__)
 
 VERSION = 1  # bump whenever problem generation or the solution format changes
 
 TRAIN_SPLIT = "train"  # the split used for RL training; every other split is held out
+PLAIN_TEMPLATE = "{numbers} -> {target}: "  # the embedded default's prompt (the `plain` preset)
+ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
 MAX_DEPTH = 16  # parenthesis nesting allowed in an answer
 MAX_LITERAL_DIGITS = 6  # digits allowed in one integer literal
 MAX_MAGNITUDE = 10**12  # bound on |numerator| and denominator of every intermediate value
@@ -344,17 +365,19 @@ class Countdown(Task):
         self,
         seed: int = 0,
         min_solutions: int = 3,
-        prompt_template: str = "{numbers} -> {target}: ",
+        prompt_template: str | None = None,
         max_answer_chars: int = 100,
         warmup_splits: Sequence[str] = (TRAIN_SPLIT, "ood"),
         splits: Mapping[str, Mapping[str, int]] | None = None,
+        format_reward: float = 0.0,
     ):
         if splits is None:
             raise ValueError("task.splits is required: split name -> {size, numbers_per_problem, ...}")
         self.seed = seed
         self.min_solutions = min_solutions
-        self.prompt_template = prompt_template
+        self.prompt_template = PLAIN_TEMPLATE if prompt_template is None else prompt_template
         self.max_answer_chars = max_answer_chars
+        self.format_reward = check_format_reward(format_reward)
         self.warmup_splits = tuple(warmup_splits)
         self.specs = {name: SplitSpec.from_config(name, spec) for name, spec in splits.items()}
         self._validate()
@@ -369,13 +392,7 @@ class Countdown(Task):
             raise ValueError(f"task.min_solutions={self.min_solutions!r} must be an integer >= 1")
         if not isinstance(self.max_answer_chars, int) or self.max_answer_chars < 1:
             raise ValueError(f"task.max_answer_chars={self.max_answer_chars!r} must be an integer >= 1")
-        try:
-            self.prompt_template.format(numbers="1 2 3", target=6)
-        except (KeyError, IndexError, ValueError, AttributeError) as exc:
-            raise ValueError(
-                f"task.prompt_template={self.prompt_template!r} may only use the fields "
-                f"{{numbers}} and {{target}} ({exc!r})"
-            ) from None
+        check_template(self.name, self.prompt_template, {"numbers": "1 2 3", "numbers_list": "[1, 2, 3]", "target": 6})
         unknown = [s for s in self.warmup_splits if s not in self.specs]
         if unknown or not self.warmup_splits:
             raise ValueError(f"task.warmup_splits={list(self.warmup_splits)} must name splits of {list(self.specs)}")
@@ -387,7 +404,14 @@ class Countdown(Task):
         return tuple(self.specs)
 
     def prompt(self, numbers: Sequence[int], target: int) -> str:
-        return self.prompt_template.format(numbers=" ".join(map(str, numbers)), target=target)
+        return self.prompt_template.format(numbers=" ".join(map(str, numbers)), numbers_list=str(list(numbers)),
+                                           target=target)
+
+    @property
+    def embedded_default(self) -> bool:
+        """Whether the prompt is the `plain` one the tiny model answers on one line: every response is
+        then read as finished (as before `finished` existed)."""
+        return self.prompt_template == PLAIN_TEMPLATE
 
     def problems(self, split: str) -> list[Problem]:
         self.check_split(split)
@@ -460,8 +484,19 @@ class Countdown(Task):
 
     # --- verifier ------------------------------------------------------------------------------
 
-    def extract_answer(self, response: str) -> str | None:
-        """The answer part of a response: its first line, inside `<answer>` tags if it has them."""
+    def extract_answer(self, response: str, finished: bool = True) -> tuple[str | None, bool]:
+        """(the answer of a response or None, whether it came from an `<answer>` tag): the module
+        docstring's rules."""
+        text = final_section(response)
+        close = text.rfind(ANSWER_CLOSE)  # str.rfind, not a regex: linear even on hostile input
+        start = text.rfind(ANSWER_OPEN, 0, close) if close >= 0 else -1
+        if start >= 0:
+            inside = text[start + len(ANSWER_OPEN) : close].strip()
+            return (inside if inside and len(inside) <= self.max_answer_chars else None), True
+        return (self.first_line_answer(text) if finished else None), False
+
+    def first_line_answer(self, response: str) -> str | None:
+        """The embedded format: the first line, inside `<answer>` tags if it has them."""
         line = response.split("\n", 1)[0]
         start = line.find("<answer>")
         if start >= 0:  # str.find, not a regex: linear even on hostile input
@@ -474,23 +509,23 @@ class Countdown(Task):
             return None
         return line
 
-    def score(self, problem: Problem, response: str) -> Score:
+    def score(self, problem: Problem, response: str, *, finished: bool = True) -> Score:
         try:
             numbers, target = problem.data["numbers"], problem.data["target"]
             if not isinstance(response, str):
                 raise TypeError(f"response must be a str, got {type(response).__name__}")
-            return self._score(list(numbers), int(target), response)
+            return self._score(list(numbers), int(target), response, finished or self.embedded_default)
         except Exception as exc:
             raise VerifierError(f"countdown verifier failed on problem {problem.id!r}: {exc!r}") from exc
 
-    def _score(self, numbers: list[int], target: int, response: str) -> Score:
-        text = self.extract_answer(response)
+    def _score(self, numbers: list[int], target: int, response: str, finished: bool) -> Score:
+        text, tagged = self.extract_answer(response, finished)
         if text is None:
             return Score(reward=0.0, answer=None, status="invalid")
         expression, equals, claimed = text.partition("=")
         answer = "".join(ch for ch in expression if ch not in _SPACES)
         invalid = Score(reward=0.0, answer=answer, status="invalid")
-        wrong = Score(reward=0.0, answer=answer, status="wrong")
+        wrong = Score(reward=verdict_reward("wrong", tagged, self.format_reward), answer=answer, status="wrong")
         claimed = claimed.strip(_SPACES)
         if equals and not (claimed.isascii() and claimed.isdigit() and len(claimed) <= MAX_LITERAL_DIGITS):
             return invalid

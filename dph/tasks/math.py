@@ -3,10 +3,16 @@
 The pieces: `dph.tasks.math_answers` (extraction, the exact tier, the math-verify worker),
 `dph.tasks.math_embedded` (templates and solution paths) and `dph.tasks.math_data` (the loaders).
 
-A response's final answer is, in this order of precedence:
+A response's final answer is read after its last `</think>` (drafts inside the reasoning never
+count; `dph.tasks.base.final_section`), in this order of precedence:
   1. the inside of its last `\\boxed{...}` (or `\\fbox{...}`); an unclosed last box is invalid;
   2. else the first number after its last `####` (GSM8K style);
   3. else its last number: an integer, decimal, `a/b`, `\\frac{a}{b}` or `1,000`-style integer.
+A response cut at max_new_tokens (`score(..., finished=False)`) has no final answer by rule 3 (a
+cut-off "Step 1: 48/2 = 24. Step 2: 24 + " is invalid, not 24), and by rule 2 only when a newline
+ends the `####` line; a closed box counts. The embedded default (embedded source, `plain`
+template: the tiny model's one-line answers) reads every response as finished, as before.
+A wrong answer from a box or `####` gets `format_reward`.
 It is compared with the gold answer in two tiers:
   - exact: when both sides are plain rationals, they are compared as `Fraction`s (about 10 us);
     a decimal with >= 6 decimals is left to math-verify, which compares such values rounded;
@@ -18,8 +24,14 @@ answer over `max_answer_chars` or braces nested over 8 deep, unparseable, math-v
 crashed its worker) and timeout (over `timeout_s`, or the worker killed). Every verdict is counted in
 `status_counts`, and where it came from in `verifier_counts` (too_long, no_answer, exact,
 math_verify/<worker status>). A gold answer math-verify cannot read is a VerifierError.
-`Score.answer` is the whole response with whitespace collapsed, so different solution paths (and
-different spellings of the final answer) count as different answers.
+`Score.answer`, whose distinct values among correct responses are `distinct_correct`, is what tells
+two solutions apart: embedded source, the whole response with whitespace collapsed (its short
+solutions are their paths: different paths and different spellings of the final answer count as
+different answers); real data, `solution_signature`: the numbers the solution writes, in order
+(its computation path; the correct final answer is the same in every correct response, and whole
+texts of long reasoning are all distinct).
+
+Prompt template field: {question}. The `plain` preset's template is `PLAIN_TEMPLATE` ("{question} ").
 
 Sources (`source`):
   embedded: seeded 1-3 step arithmetic word problems. `test` and `ood` are drawn from their own
@@ -51,8 +63,16 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from dph.tasks.base import Problem, Score, Task, VerifierError
-from dph.tasks.math_answers import MathVerifyWorker, exact_match, extract_final_answer
+from dph.tasks.base import (
+    Problem,
+    Score,
+    Task,
+    VerifierError,
+    check_format_reward,
+    check_template,
+    verdict_reward,
+)
+from dph.tasks.math_answers import MathVerifyWorker, exact_match, extract_final_answer, solution_signature
 from dph.tasks.math_data import load_data
 from dph.tasks.math_embedded import (
     OOD_TEMPLATES,
@@ -70,6 +90,7 @@ VERSION = 1  # bump whenever problem generation, solutions or the prompt format 
 SOURCES = ("embedded", "gsm8k", "math")
 SPLITS = ("train", "test", "ood")
 ATTEMPTS_IN_A_ROW = 1000  # generator draws in a row that find no new problem before it gives up
+PLAIN_TEMPLATE = "{question} "  # the embedded default's prompt (the `plain` preset)
 
 # ---------------------------------------------------------------------------------------------
 # The task.
@@ -92,8 +113,8 @@ class MathTask(Task):
 
     def __init__(self, source: str = "embedded", path: str | Mapping[str, Any] | None = None, seed: int = 0,
                  train_size: int | None = 1000, test_size: int | None = 200, ood_size: int | None = 200,
-                 prompt_template: str = "{question} ", timeout_s: float = 0.5, max_response_chars: int = 4000,
-                 max_answer_chars: int = 100):
+                 prompt_template: str | None = None, timeout_s: float = 0.5, max_response_chars: int = 4000,
+                 max_answer_chars: int = 100, format_reward: float = 0.0):
         if source not in SOURCES:
             raise ValueError(f"task.source={source!r} is not known; choose one of {list(SOURCES)}")
         if source != "embedded" and not path:
@@ -109,14 +130,14 @@ class MathTask(Task):
         for key, value in (("max_response_chars", max_response_chars), ("max_answer_chars", max_answer_chars)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"task.{key}={value!r} must be an integer >= 1")
-        try:
-            prompt_template.format(question="1+1?")
-        except (KeyError, IndexError, ValueError, AttributeError) as e:
-            raise ValueError(f"task.prompt_template={prompt_template!r} may only use the field {{question}} "
-                             f"({e!r})") from None
+        prompt_template = check_template(
+            self.name, PLAIN_TEMPLATE if prompt_template is None else prompt_template, {"question": "1+1?"})
         self.source, self.path, self.seed = source, path, seed
         self.sizes = {"train": train_size, "test": test_size, "ood": ood_size}
         self.prompt_template = prompt_template
+        self.format_reward = check_format_reward(format_reward)
+        # the embedded default (tiny model, one-line answers): every response is read as finished
+        self.embedded_default = source == "embedded" and prompt_template == PLAIN_TEMPLATE
         self.timeout_s = float(timeout_s)
         self.max_response_chars, self.max_answer_chars = max_response_chars, max_answer_chars
         self.status_counts: Counter[str] = Counter()  # the verdict of every score() call
@@ -233,21 +254,21 @@ class MathTask(Task):
 
     # --- verifier -----------------------------------------------------------------------------
 
-    def score(self, problem: Problem, response: str) -> Score:
+    def score(self, problem: Problem, response: str, *, finished: bool = True) -> Score:
         if not isinstance(response, str):
             raise VerifierError(f"math problem {problem.id}: the response is a {type(response).__name__}, not a str")
         gold = problem.data["answer"]
         if len(response) > self.max_response_chars:
             return self._verdict("invalid", None, "too_long")
-        final = extract_final_answer(response)
+        final, marked = extract_final_answer(response, finished or self.embedded_default)
         if final is None:
             return self._verdict("invalid", None, "no_answer")
-        answer = " ".join(response.split())
+        answer = " ".join(response.split()) if self.source == "embedded" else solution_signature(response)
         if len(final) > self.max_answer_chars:
             return self._verdict("invalid", answer, "too_long")
         exact = exact_match(gold, final)
         if exact is not None:
-            return self._verdict("correct" if exact else "wrong", answer, "exact")
+            return self._verdict("correct" if exact else "wrong", answer, "exact", marked)
         status, detail = self.worker.compare(gold, final, self.timeout_s)
         if status.startswith("gold_"):
             fix = "; raise task.timeout_s" if status == "gold_timeout" else ""
@@ -255,11 +276,11 @@ class MathTask(Task):
                                 f"({status}: {detail}){fix}")
         if status in ("error", "crash", "killed"):
             log.debug("math-verify %s on %r: %s", status, final[:100], detail)
-        return self._verdict(MATH_VERIFY_STATUS[status], answer, f"math_verify/{status}")
+        return self._verdict(MATH_VERIFY_STATUS[status], answer, f"math_verify/{status}", marked)
 
-    def _verdict(self, status: str, answer: str | None, source: str) -> Score:
+    def _verdict(self, status: str, answer: str | None, source: str, marked: bool = False) -> Score:
         """Count the verdict and its source: too_long, no_answer, exact or math_verify/<worker status>."""
         with self._lock:
             self.status_counts[status] += 1
             self.verifier_counts[source] += 1
-        return Score(1.0 if status == "correct" else 0.0, answer, status)
+        return Score(verdict_reward(status, marked, self.format_reward), answer, status)

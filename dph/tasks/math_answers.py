@@ -1,7 +1,8 @@
 """Final answers of math responses: extraction, the exact rational tier, and math-verify in a worker.
 
-`extract_final_answer` takes the last `\\boxed{}`, else the number after the last `####`, else the
-last number (linear patterns only); `exact_match` compares plain rationals as `Fraction`s; and
+`extract_final_answer` takes, after the last `</think>`, the last `\\boxed{}`, else the number after
+the last `####`, else the last number (linear patterns only); `solution_signature` gives the numbers
+a solution writes (its computation path); `exact_match` compares plain rationals as `Fraction`s; and
 `MathVerifyWorker` runs math-verify's `parse` + `verify` in a worker process that a SIGALRM timer
 stops at the time limit and that is killed when stuck in C code. dph/tasks/math.py says how the
 task combines them.
@@ -14,7 +15,7 @@ import os
 import re
 from fractions import Fraction
 
-from dph.tasks.base import VerifierError
+from dph.tasks.base import VerifierError, final_section
 from dph.tasks.worker import (
     WorkerCrashed,
     WorkerProcess,
@@ -41,6 +42,7 @@ _NUMBER = re.compile(  # \frac{a}{b}, or a number not glued to a word, dot or co
     r"|(?:(?<![\w)\]}])-)?(?<![\w.,])(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:\s*/\s*\d+)?(?!\w)",
     re.ASCII,
 )
+_UNSIGNED = re.compile(r"(?<![\w.,])(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?!\w)", re.ASCII)  # 12, 1,000, 2.5
 _FRAC = re.compile(r"([+-]?)\\[dt]?frac\{([+-]?\d+)\}\{([+-]?\d+)\}", re.ASCII)
 _RATIONAL = re.compile(r"([+-]?)(\d+(?:\.\d*)?|\.\d+)(?:/(\d+))?", re.ASCII)
 _THOUSANDS = re.compile(r"\d{1,3}(?:,\d{3})+(?!\d)", re.ASCII)
@@ -72,21 +74,42 @@ def last_box(text: str) -> tuple[int, int | None] | None:
     return start, _closing_brace(text, start)
 
 
-def extract_final_answer(response: str) -> str | None:
-    """The final answer of a response (module docstring), stripped; None when there is none."""
-    box = last_box(response)
+def extract_final_answer(response: str, finished: bool = True) -> tuple[str | None, bool]:
+    """(the final answer of a response, stripped, or None; whether a box or `####` marked it), read
+    from `final_section(response)` (after the last `</think>`):
+      1. the inside of the last `\\boxed{}` / `\\fbox{}` (an unclosed last box: None);
+      2. else the first number after the last `####` on its line; when not `finished`, only if a
+         newline ends that line (a number at the very end may have been cut);
+      3. else the last number, only when `finished`."""
+    text = final_section(response)
+    box = last_box(text)
     if box is not None:
         start, end = box
-        return response[start:end].strip() or None if end is not None else None
-    hashes = response.rfind("####")
+        return (text[start:end].strip() or None if end is not None else None), True
+    hashes = text.rfind("####")
     if hashes >= 0:
-        line_end = response.find("\n", hashes)
-        match = _NUMBER.search(response, hashes + 4, line_end if line_end >= 0 else len(response))
-        return match.group() if match else None
+        line_end = text.find("\n", hashes)
+        if line_end < 0 and not finished:
+            return None, True
+        match = _NUMBER.search(text, hashes + 4, line_end if line_end >= 0 else len(text))
+        return (match.group() if match else None), True
+    if not finished:
+        return None, False
     last = None
-    for last in _NUMBER.finditer(response):
+    for last in _NUMBER.finditer(text):
         pass
-    return last.group() if last else None
+    return (last.group() if last else None), False
+
+
+def solution_signature(response: str) -> str:
+    """The unsigned numbers the final section of a response writes, each once, in order of first
+    appearance, in normal form (`1,000` -> 1000, 0.50 -> 1/2; `48/2` is 48 and 2): its computation
+    path, which two wordings of one computation share and another computation does not."""
+    seen: dict[str, None] = {}
+    for match in _UNSIGNED.finditer(final_section(response)):
+        value = as_rational(match.group())
+        seen.setdefault(match.group() if value is None else str(value), None)
+    return " ".join(seen)
 
 
 def as_rational(answer: str) -> Fraction | None:

@@ -1,16 +1,33 @@
 """Text-to-SQL verified by execution (`task=sql`): the embedded generator, BIRD or Spider.
 
-Reward is execution accuracy as BIRD and Spider measure it: the predicted and the gold query run on
-the question's SQLite database, and the results must be equal as multisets of rows (as lists when
-the gold query has a top-level ORDER BY). Floats are compared rounded to 6 decimals.
+Reward is execution accuracy: the predicted and the gold query run on the question's SQLite
+database and their results are compared by the rule `compare` (`sql_sandbox.COMPARE_RULES`):
+  multiset (default): equal as multisets of rows (as lists when the gold query has a top-level
+      ORDER BY), column order significant;
+  set: set(pred) == set(gold), BIRD's official EX (row order and duplicates ignored);
+  column_permutation: multiset up to a permutation of the columns, the Spider test-suite rule
+      (a search that runs out of its budget, PERMUTATION_ROWS, is status timeout).
+Floats are compared rounded to 6 decimals in every rule.
 
-The response's SQL is the text inside ```sql fences or <answer> tags when present, else its first
-line; trailing semicolons are dropped. `Score.answer` is that SQL with whitespace collapsed, so two
-spellings of the same query count as two distinct answers. Statuses: correct, wrong, invalid
-(nothing extracted, not a single read statement, SQL error, denied operation, over `max_rows` rows)
-and timeout (over `timeout_s`, enforced inside SQLite, or the worker killed). Every query runs in
-the read-only sandbox of `dph.tasks.sql_sandbox`, in a worker process; a gold query that fails there
-raises VerifierError (a data bug), as does a missing or corrupt database file.
+The response's SQL (`sql_sandbox.extract_sql`), read after its last `</think>` so that a draft
+inside the reasoning never counts: the inside of the LAST fenced block tagged sql (or sqlite;
+case-insensitive; a ```python or untagged block is never read), else of the last <answer> tag,
+else the first line (the embedded format). A response cut at max_new_tokens (`finished=False`)
+gets neither the first line nor a fence or tag left open at its end, except in the embedded
+default (embedded data, `plain` template: the tiny model answers on one line), whose responses are
+always read as finished. Trailing semicolons are dropped. A wrong query from a fence or tag gets
+`format_reward`. `Score.answer` is that SQL with whitespace collapsed, so two spellings of the same
+query count as two distinct answers. Statuses: correct, wrong, invalid (nothing extracted, not a
+single read statement, SQL error, denied operation, over `max_rows` rows) and timeout (over
+`timeout_s`, enforced inside SQLite, or the worker killed). Every query runs in the read-only
+sandbox of `dph.tasks.sql_sandbox`, in a worker process; a gold query that fails there raises
+VerifierError (a data bug), as does a missing or corrupt database file.
+
+Prompt template fields: {schema} (compact: "emp(id,name,dept) dept(id,name)"; embedded data: only
+the tables the question needs), {create_tables} (CREATE TABLE statements of the whole database
+with types, keys and example values: `sql_data.create_tables`), {question} and {evidence} (BIRD's,
+'' when there is none or `evidence` is false). A template without {evidence} gets it appended to
+{question} as " (evidence: ...)". The `plain` preset's template is `PLAIN_TEMPLATE`.
 
 Sources (`source`):
   embedded: seeded databases and template questions (`dph.tasks.sql_embedded`); splits train and
@@ -28,8 +45,17 @@ from collections import Counter, OrderedDict
 from pathlib import Path
 from typing import Any
 
-from dph.tasks.base import Problem, Score, Task, VerifierError
-from dph.tasks.sql_data import LAYOUTS, load_split, questions_files, schema_hint
+from dph.tasks.base import (
+    Problem,
+    Score,
+    Task,
+    VerifierError,
+    check_format_reward,
+    check_template,
+    template_fields,
+    verdict_reward,
+)
+from dph.tasks.sql_data import LAYOUTS, create_tables, load_split, questions_files, schema_hint
 from dph.tasks.sql_embedded import (
     OOD_SCHEMAS,
     SCHEMAS,
@@ -40,6 +66,7 @@ from dph.tasks.sql_embedded import (
     write_databases,
 )
 from dph.tasks.sql_sandbox import (
+    COMPARE_RULES,
     DatabaseUnavailable,
     SandboxProcess,
     extract_sql,
@@ -51,6 +78,10 @@ from dph.tasks.sql_sandbox import (
 VERSION = 1  # bump when the embedded databases, questions or prompt format change
 SOURCES = ("embedded", "bird", "spider")
 GOLD_CACHE_SIZE = 4096  # gold results kept per task (LRU)
+PLAIN_TEMPLATE = "{schema} | {question}: "  # the embedded default's prompt (the `plain` preset)
+DEFAULT_COMPARE = "multiset"
+TEMPLATE_SAMPLE = {"schema": "t(a)", "create_tables": "CREATE TABLE t (a INTEGER);", "question": "how many t?",
+                   "evidence": ""}  # every template field, for checking a template
 
 
 def default_cache_dir() -> Path:
@@ -67,7 +98,8 @@ class SQLTask(Task):
     def __init__(self, source: str = "embedded", path: str | None = None, seed: int = 0,
                  train_size: int | None = 1000, test_size: int | None = 200, ood_size: int | None = 200,
                  timeout_s: float = 1.0, gold_timeout_s: float = 10.0, max_rows: int = 10_000,
-                 evidence: bool = True, cache_dir: str | None = None):
+                 evidence: bool = True, cache_dir: str | None = None, prompt_template: str | None = None,
+                 compare: str = DEFAULT_COMPARE, format_reward: float = 0.0):
         if source not in SOURCES:
             raise ValueError(f"task.source={source!r} is not known; choose one of {list(SOURCES)}")
         if source != "embedded" and not path:
@@ -83,6 +115,15 @@ class SQLTask(Task):
         if source == "embedded" and None in (train_size, test_size, ood_size):
             raise ValueError("task.source=embedded needs integer train_size, test_size and ood_size "
                              "(null, all, is for real data)")
+        if compare not in COMPARE_RULES:
+            raise ValueError(f"task.compare={compare!r} is not a rule; choose one of {list(COMPARE_RULES)}")
+        self.prompt_template = check_template(
+            self.name, PLAIN_TEMPLATE if prompt_template is None else prompt_template, TEMPLATE_SAMPLE)
+        self._fields = template_fields(self.prompt_template)
+        self.compare = compare
+        self.format_reward = check_format_reward(format_reward)
+        # the embedded default (tiny model, one-line answers): every response is read as finished
+        self.embedded_default = source == "embedded" and self.prompt_template == PLAIN_TEMPLATE
         self.source, self.path, self.seed = source, path, seed
         self.sizes = {"train": train_size, "test": test_size, "ood": ood_size}
         self.timeout_s, self.gold_timeout_s, self.max_rows = float(timeout_s), float(gold_timeout_s), int(max_rows)
@@ -116,11 +157,21 @@ class SQLTask(Task):
             raise ValueError(f"task.source={self.source}: the databases are those of task.path")
         return dict(self._embedded()[0])
 
+    def prompt(self, hint: str, db_path: str, question: str, evidence: str = "") -> str:
+        """The prompt of a question: the template with its fields (module docstring)."""
+        fields = dict(TEMPLATE_SAMPLE, schema=hint, question=question, evidence=evidence)
+        if evidence and "evidence" not in self._fields:
+            fields["question"] = f"{question} (evidence: {evidence})"
+        if "create_tables" in self._fields:
+            fields["create_tables"] = create_tables(db_path)
+        return self.prompt_template.format(**fields)
+
     def _embedded_problems(self, questions: list, split: str) -> list[Problem]:
         paths, _ = self._embedded()
         return [
-            Problem(f"{split}/{i}", q.prompt, {"db_id": q.db, "db_path": paths[q.db], "gold": q.gold,
-                                                "ordered": has_top_level_order_by(q.gold), "params": q.params})
+            Problem(f"{split}/{i}", self.prompt(q.hint, paths[q.db], q.text),
+                    {"db_id": q.db, "db_path": paths[q.db], "gold": q.gold, "ordered": has_top_level_order_by(q.gold),
+                     "params": q.params})
             for i, q in enumerate(questions)
         ]
 
@@ -145,7 +196,7 @@ class SQLTask(Task):
                 keep = sorted(self._rng(f"{self.source}/{split}").sample(range(len(examples)), size))
                 examples = [examples[i] for i in keep]
             return [
-                Problem(f"{split}/{ex.index}", f"{schema_hint(ex.db_path)} | {ex.question}: ",
+                Problem(f"{split}/{ex.index}", self.prompt(schema_hint(ex.db_path), ex.db_path, ex.question, ex.evidence),
                         {"db_id": ex.db_id, "db_path": ex.db_path, "gold": ex.gold,
                          "ordered": has_top_level_order_by(ex.gold)})
                 for ex in examples
@@ -181,10 +232,16 @@ class SQLTask(Task):
         return rng.sample(candidates, min(n, len(candidates)))
 
     def fingerprint(self) -> dict[str, Any]:
-        """What determines the problems and demonstrations (not the verifier's limits or cache_dir)."""
+        """What determines the problems and demonstrations, and the comparison rule (it decides which
+        prompts pre-sampling finds solved); not the verifier's limits or cache_dir. The template and
+        rule appear only when they are not the defaults, so the embedded default keeps its caches."""
         out: dict[str, Any] = {"version": VERSION, "source": self.source, "seed": self.seed, "sizes": dict(self.sizes)}
         if self.source != "embedded":
             out.update(evidence=self.evidence, files=self._data_files)  # sizes and hashes of the questions files
+        if self.prompt_template != PLAIN_TEMPLATE:
+            out["prompt_template"] = self.prompt_template
+        if self.compare != DEFAULT_COMPARE:
+            out["compare"] = self.compare
         return out
 
     def __getstate__(self) -> dict[str, Any]:
@@ -222,22 +279,23 @@ class SQLTask(Task):
                 self._gold.popitem(last=False)
         return result.rows
 
-    def score(self, problem: Problem, response: str) -> Score:
+    def score(self, problem: Problem, response: str, *, finished: bool = True) -> Score:
         gold_rows = self._gold_rows(problem)
-        sql = extract_sql(response)
+        sql, marked = extract_sql(response, finished or self.embedded_default)
         if not sql:
-            return self._verdict("invalid", None)
+            return self._verdict("invalid", None, marked)
         try:
             result = self.sandbox.run(problem.data["db_path"], sql, self.timeout_s, self.max_rows)
         except DatabaseUnavailable as e:
             raise VerifierError(f"sql problem {problem.id}: {e}") from e
         if result.status == "ok":
-            status = "correct" if results_match(result.rows, gold_rows, problem.data["ordered"]) else "wrong"
+            match = results_match(result.rows, gold_rows, problem.data["ordered"], self.compare)
+            status = {True: "correct", False: "wrong", None: "timeout"}[match]
         else:
             status = result.status
-        return self._verdict(status, normalise_sql(sql))
+        return self._verdict(status, normalise_sql(sql), marked)
 
-    def _verdict(self, status: str, answer: str | None) -> Score:
+    def _verdict(self, status: str, answer: str | None, marked: bool) -> Score:
         with self._lock:
             self.status_counts[status] += 1
-        return Score(1.0 if status == "correct" else 0.0, answer, status)
+        return Score(verdict_reward(status, marked, self.format_reward), answer, status)

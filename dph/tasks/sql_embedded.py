@@ -8,7 +8,8 @@ so ORDER BY and LIMIT are deterministic, and thresholds are drawn among stored v
 flipped or negated conditions, BETWEEN vs two bounds, JOIN vs IN-subquery vs EXISTS, aliases,
 COUNT(*) vs COUNT(id) vs COUNT(1), MAX vs ORDER BY ... LIMIT 1, keyword case); the first is the gold.
 
-A prompt is a compact schema hint (only the tables the question needs) and the question:
+A question has a compact schema hint (only the tables it needs) and words; its `prompt` is the
+`plain` prompt, which also keys the train/test partition (so other templates keep the splits):
     "emp(id,name,dept,salary,age) | names of emp with salary > 52: "
     -> "SELECT name FROM emp WHERE salary > 52", "select e.name from emp e where NOT e.salary <= 52", ...
 """
@@ -317,15 +318,18 @@ TEMPLATES = ("where", "count", "and", "between", "agg", "top", "sorted", "argmax
 @dataclass(frozen=True)
 class Question:
     db: str
-    prompt: str
+    prompt: str  # the plain prompt "<hint> | <text>: " (identifies the question)
     gold: str
     params: dict[str, Any]
+    hint: str = ""  # compact schema of the tables the question needs
+    text: str = ""  # the question in words
 
 
 def make_question(db: str, params: dict[str, Any]) -> Question:
     schema = SCHEMAS[db]
     text, tables = question(schema, params)
-    return Question(db, f"{schema.hint(tables)} | {text}: ", forms(schema, params)[0], params)
+    hint = schema.hint(tables)
+    return Question(db, f"{hint} | {text}: ", forms(schema, params)[0], params, hint, text)
 
 
 def is_test_question(prompt: str, seed: int, fraction: float = 0.2) -> bool:

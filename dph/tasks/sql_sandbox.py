@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dph.tasks.base import final_section
 from dph.tasks.worker import (
     WorkerCrashed,
     WorkerProcess,
@@ -286,31 +287,117 @@ def normalise_sql(sql: str) -> str:
     return " ".join(sql.split()).rstrip("; ").strip()
 
 
-_FENCE = re.compile(r"```[ \t]*(?:sql|sqlite)?[ \t]*\n?(.*?)(?:```|$)", re.S | re.I)
-_ANSWER = re.compile(r"<answer>(.*?)(?:</answer>|$)", re.S | re.I)
+# Fenced blocks and <answer> tags, each to its closing mark or the end of the text (group 3 empty then).
+_FENCE = re.compile(r"```([\w+.-]*)(.*?)(```|\Z)", re.S)
+_ANSWER = re.compile(r"<answer>(.*?)(</answer>|\Z)", re.S | re.I)
+SQL_FENCE_TAGS = ("sql", "sqlite")  # fence language tags read as SQL (case-insensitive)
 
 
-def extract_sql(response: str) -> str:
-    """The SQL in a response: inside ```sql fences or <answer> tags when present, else its first line."""
-    for pattern in (_FENCE, _ANSWER):
-        m = pattern.search(response)
-        if m:
-            return m.group(1).strip().rstrip(";").strip()
-    text = response.strip()
-    return text.split("\n", 1)[0].strip().rstrip(";").strip()
+def _last_block(pattern: re.Pattern, text: str, finished: bool, tags: tuple[str, ...] | None = None) -> str | None:
+    """The inside of the last match of a block pattern (with one of `tags` when given); one left
+    open at the end of the text counts only when the response finished."""
+    found = None
+    for m in pattern.finditer(text):
+        closed = bool(m.group(m.lastindex))
+        if (closed or finished) and (tags is None or m.group(1).lower() in tags):
+            found = m.group(m.lastindex - 1)
+    return found
+
+
+def extract_sql(response: str, finished: bool = True) -> tuple[str, bool]:
+    """(the SQL of a response, whether a ```sql fence or an <answer> tag marked it), read after the
+    last `</think>` (`final_section`):
+      1. the inside of the LAST fenced block tagged sql or sqlite (DPH-RL/OmniSQL); a block of
+         another language (```python) or none is never read;
+      2. else the inside of the last <answer>...</answer>;
+      3. else its first line (the embedded format), only when `finished`.
+    A fence or tag left open at the end counts only when `finished` (the model ended its turn
+    there, not max_new_tokens). Trailing semicolons are dropped; '' when nothing is found."""
+    text = final_section(response)
+    block = _last_block(_FENCE, text, finished, SQL_FENCE_TAGS)
+    if block is None:
+        block = _last_block(_ANSWER, text, finished)
+    if block is not None:
+        return block.strip().rstrip(";").strip(), True
+    if not finished:
+        return "", False
+    return text.strip().split("\n", 1)[0].strip().rstrip(";").strip(), False
 
 
 # --- comparison --------------------------------------------------------------------------------
+
+
+# task.compare: how a predicted result is compared with the gold one (floats rounded to FLOAT_DIGITS
+# decimals in every rule; the benchmarks' scripts compare them exactly).
+COMPARE_RULES = {
+    "multiset": "rows equal as multisets, as lists when the gold query has a top-level ORDER BY; "
+                "column order matters (dph's default)",
+    "set": "set(predicted rows) == set(gold rows): BIRD's official EX (row order and duplicates ignored)",
+    "column_permutation": "like multiset, up to a permutation of the columns: the Spider test-suite "
+                          "evaluation's rule",
+}
+PERMUTATION_ROWS = 1_000_000  # column_permutation: rows its search may project before it gives up (None)
 
 
 def _canonical(row: tuple) -> tuple:
     return tuple(round(v, FLOAT_DIGITS) if type(v) is float else v for v in row)
 
 
-def results_match(predicted: list[tuple], gold: list[tuple], ordered: bool) -> bool:
-    """Execution accuracy: equal as multisets of rows, or as lists when the gold query orders."""
-    if len(predicted) != len(gold):
-        return False
+def _same_rows(pred: list[tuple], ref: list[tuple], ordered: bool) -> bool:
+    return pred == ref if ordered else Counter(pred) == Counter(ref)
+
+
+def results_match(predicted: list[tuple], gold: list[tuple], ordered: bool, compare: str = "multiset") -> bool | None:
+    """Execution accuracy under a COMPARE_RULES rule; None when column_permutation's search gave up."""
     pred = [_canonical(r) for r in predicted]
     ref = [_canonical(r) for r in gold]
-    return pred == ref if ordered else Counter(pred) == Counter(ref)
+    if compare == "set":
+        return set(pred) == set(ref)
+    if len(pred) != len(ref):
+        return False
+    if _same_rows(pred, ref, ordered):
+        return True
+    if compare == "multiset" or not ref or len(pred[0]) != len(ref[0]):
+        return False
+    return _permuted_match(pred, ref, ordered)
+
+
+def _column_key(column: tuple, ordered: bool) -> Any:
+    return column if ordered else frozenset(Counter(column).items())
+
+
+def _permuted_match(pred: list[tuple], ref: list[tuple], ordered: bool) -> bool | None:
+    """Whether some order of pred's columns makes the rows equal (multisets, or lists when ordered).
+
+    Gold columns are matched one at a time to unused predicted columns with the same values
+    (multiset of values, or sequence when ordered); each partial assignment must keep the projected
+    rows equal, and of identical predicted columns only the first unused one is tried."""
+    pred_cols, ref_cols = list(zip(*pred)), list(zip(*ref))
+    keys = [_column_key(c, ordered) for c in pred_cols]
+    candidates = [[i for i, key in enumerate(keys) if key == _column_key(c, ordered)] for c in ref_cols]
+    if any(not c for c in candidates):
+        return False
+    work = 0
+
+    def extend(chosen: list[int]) -> bool | None:
+        nonlocal work
+        depth = len(chosen)
+        if depth == len(ref_cols):
+            return True
+        tried: set[tuple] = set()
+        for i in candidates[depth]:
+            if i in chosen or pred_cols[i] in tried:
+                continue
+            tried.add(pred_cols[i])
+            work += len(pred)
+            if work > PERMUTATION_ROWS:
+                return None
+            cols = chosen + [i]
+            projected = [tuple(row[c] for c in cols) for row in pred]
+            if _same_rows(projected, [row[: depth + 1] for row in ref], ordered):
+                found = extend(cols)
+                if found is not False:
+                    return found
+        return False
+
+    return extend([])
