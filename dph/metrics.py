@@ -142,15 +142,18 @@ def entropy_from_logits(logits: Tensor, *, chunk_rows: int = 1024) -> Tensor:
     """
     flat = logits.reshape(-1, logits.shape[-1])
     dtype = torch.promote_types(logits.dtype, torch.float32)
-    out = []
-    for chunk in flat.split(chunk_rows):
-        chunk = chunk.to(dtype)
-        log_p = torch.log_softmax(chunk, dim=-1)
-        # -inf logits (masked vocabulary) have p = 0: clamp so 0 * log p is 0, not NaN
-        out.append(-(log_p.exp() * log_p.clamp(min=torch.finfo(dtype).min)).sum(dim=-1))
+    out = [entropy_from_log_probs(torch.log_softmax(chunk.to(dtype), dim=-1)) for chunk in flat.split(chunk_rows)]
     if not out:
         return torch.zeros(logits.shape[:-1], dtype=dtype, device=logits.device)
     return torch.cat(out).view(logits.shape[:-1])
+
+
+def entropy_from_log_probs(log_p: Tensor) -> Tensor:
+    """Entropy H = -sum p log p from log-probs over the last dim (a log_softmax): log_p [..., V] -> [...].
+
+    -inf entries (zero probability) add 0, not NaN: log p is clamped to the dtype's lowest finite value.
+    """
+    return -(log_p.exp() * log_p.clamp(min=torch.finfo(log_p.dtype).min)).sum(dim=-1)
 
 
 def token_entropy(logits: Tensor, mask: Tensor, *, chunk_rows: int = 1024) -> Tensor:

@@ -7,7 +7,7 @@ import torch
 
 from dph.models import char_tokenizer, encode_prompts
 from dph.engines.hf import sample
-from dph.rollout import SequenceBatch, collate, token_logprobs
+from dph.rollout import SequenceBatch, chunked_logprobs_entropy, collate, rows_per_chunk, token_logprobs
 
 PROMPTS = ["3 5 7 -> 22: ", "1 2 -> 3: ", "10 4 9 13 -> 250: ", "8 -> "]  # different lengths: left padding
 TEMPERATURE = 0.7
@@ -174,3 +174,151 @@ def test_shared_prompt_scoring_gives_the_same_values_and_gradients(model, tokeni
     assert not shares_prompts(mixed, 3)
     torch.testing.assert_close(token_logprobs(model, mixed, TEMPERATURE, group=3)[0],
                                token_logprobs(model, mixed, TEMPERATURE)[0])
+
+
+# ---------------------------------------------------------------- chunked log-probs at a big vocabulary
+def _full_logprobs_entropy(inputs, targets, temperature, head=None):
+    """The reference: the whole [N, V] float32 logits, their log_softmax and entropy at once."""
+    logits = (inputs if head is None else head(inputs)).float() / temperature
+    log_p = torch.log_softmax(logits, dim=-1)
+    return log_p.gather(-1, targets[:, None])[:, 0], -(torch.softmax(logits, -1) * log_p).sum(-1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("from_hidden", [True, False], ids=["hidden", "logits"])
+@pytest.mark.parametrize("entropy_grad", [False, True])
+def test_chunked_logprobs_and_entropy_equal_the_full_computation(dtype, from_hidden, entropy_grad):
+    """Every chunk size (1, ones that do not divide the 13 rows, one chunk, more than the rows) gives the
+    full computation's log-probs, entropies and gradients (inputs and head weight), at T != 1."""
+    N, H, V, temperature = 13, 6, 11, 0.7
+    g = torch.Generator().manual_seed(0)
+    head = torch.nn.Linear(H, V, bias=False, dtype=dtype)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(V, H, generator=g))
+    raw = torch.randn(N, H if from_hidden else V, generator=g) * (1.0 if from_hidden else 3.0)
+    targets = torch.randint(0, V, (N,), generator=g)
+    w_logp, w_entropy = torch.randn(N, generator=g), torch.randn(N, generator=g)
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=1e-2)
+
+    def run(fn):
+        x = raw.to(dtype).requires_grad_()
+        head.zero_grad(set_to_none=True)
+        logp, entropy = fn(x)
+        loss = (w_logp * logp).sum() + ((w_entropy * entropy).sum() if entropy.requires_grad else 0.0)
+        loss.backward()
+        grads = [x.grad] + ([head.weight.grad] if from_hidden else [])
+        return logp.detach(), entropy.detach(), entropy.requires_grad, grads
+
+    def full(x):
+        logp, entropy = _full_logprobs_entropy(x, targets, temperature, head if from_hidden else None)
+        return logp, entropy if entropy_grad else entropy.detach()
+
+    want = run(full)
+    for rows in (1, 2, 5, 13, 64):
+        got = run(lambda x: chunked_logprobs_entropy(x, targets, temperature, chunk_rows=rows,
+                                                     head=head if from_hidden else None,
+                                                     entropy_grad=entropy_grad))
+        assert got[0].dtype == got[1].dtype == torch.float32
+        torch.testing.assert_close(got[0], want[0], **tol)
+        torch.testing.assert_close(got[1], want[1], **tol)
+        assert got[2] == entropy_grad
+        for a, b in zip(got[3], want[3], strict=True):
+            torch.testing.assert_close(a, b, **tol)
+    with torch.no_grad():
+        logp, entropy = chunked_logprobs_entropy(raw.to(dtype), targets, temperature, chunk_rows=5,
+                                                 head=head if from_hidden else None, entropy_grad=entropy_grad)
+    assert not logp.requires_grad and not entropy.requires_grad
+    torch.testing.assert_close(logp, want[0], **tol)
+
+
+def test_rows_per_chunk():
+    assert rows_per_chunk(151_936, 256 << 20) == 441  # 441 x 151,936 x 4 bytes <= 256 MiB < 442 x ...
+    assert rows_per_chunk(10, 400) == 10 and rows_per_chunk(10, 399) == 9 and rows_per_chunk(10**9, 1) == 1
+
+
+def _scored(model, batch, group, entropy_grad, **kwargs):
+    """token_logprobs' log-probs, entropies and parameter gradients (of a loss that weighs both), and
+    the most rows the output embedding computed logits for in one call."""
+    head_rows = []
+    handle = model.get_output_embeddings().register_forward_hook(
+        lambda module, args, out: head_rows.append(out.shape[:-1].numel()))
+    model.zero_grad(set_to_none=True)
+    try:
+        logp, entropy = token_logprobs(model, batch, TEMPERATURE, group, entropy_grad=entropy_grad, **kwargs)
+        weights = torch.linspace(-1, 1, logp.shape[1])
+        ((logp * weights).sum() + (entropy.sum() if entropy_grad else 0.0)).backward()
+    finally:
+        handle.remove()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return logp.detach(), entropy.detach(), entropy.requires_grad, grads, max(head_rows)
+
+
+def _assert_same_scores(chunked, whole):
+    torch.testing.assert_close(chunked[0], whole[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(chunked[1], whole[1], rtol=1e-5, atol=1e-5)
+    assert chunked[2] == whole[2]
+    assert chunked[3].keys() == whole[3].keys() and chunked[3]
+    for name, grad in chunked[3].items():  # float rounding, relative to the gradient's scale
+        scale = float(whole[3][name].abs().max())
+        torch.testing.assert_close(grad, whole[3][name], rtol=1e-4, atol=1e-6 + 1e-5 * scale)
+
+
+@pytest.mark.parametrize("group", [1, 3])
+@pytest.mark.parametrize("entropy_grad", [False, True])
+def test_token_logprobs_in_chunks_equal_one_chunk(model, tokenizer, group, entropy_grad):
+    """A chunk bound of 5 positions (the model returns hidden states, the output embedding runs per
+    chunk) gives the values and gradients of the default (one chunk: the whole logits), with the
+    prompt shared per group or not; the head never computes logits for more than a chunk's rows
+    (or the batch's rows at the one position the model keeps)."""
+    torch.manual_seed(4)
+    batch = sample(model, tokenizer, encode_prompts(tokenizer, PROMPTS, False), n=3, max_new_tokens=10,
+                   temperature=TEMPERATURE, top_p=1.0, batch_size=64)
+    vocab = model.get_output_embeddings().weight.shape[0]
+    whole = _scored(model, batch, group, entropy_grad)
+    chunked = _scored(model, batch, group, entropy_grad, logits_chunk_bytes=5 * 4 * vocab)
+    _assert_same_scores(chunked, whole)
+    assert whole[4] >= batch.response_mask.numel()  # the default: all positions at once
+    assert chunked[4] <= max(5, len(batch))
+    model.zero_grad(set_to_none=True)
+
+
+def test_token_logprobs_in_chunks_with_lora_and_gradient_checkpointing(tokenizer):
+    """The chunked path through a PEFT model (LoRA) with gradient checkpointing in train mode: the
+    adapters' gradients equal those of the whole-logits computation."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from dph.models import prepare_for_training
+
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id)
+    base = Qwen2ForCausalLM(config)
+    batch = _sampled(base.eval(), tokenizer, n=2, max_new_tokens=8, seed=5)
+    policy = prepare_for_training(base, {"gradient_checkpointing": True,
+                                         "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear"}})
+    policy.train()
+    whole = _scored(policy, batch, 2, True)
+    chunked = _scored(policy, batch, 2, True, logits_chunk_bytes=3 * 4 * len(tokenizer))
+    _assert_same_scores(chunked, whole)
+    assert all("lora_" in name for name in chunked[3]) and chunked[4] <= max(3, len(batch))
+
+
+def test_token_logprobs_in_chunks_of_soft_capped_logits(tokenizer, monkeypatch):
+    """A model that transforms its logits after the output embedding (Gemma 2's soft-cap) is scored
+    from its own logits, chunk by chunk: the values and gradients of one chunk. Had its config
+    attribute not been known, scoring would fail loudly rather than skip the soft-cap."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Gemma2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=128,
+                          final_logit_softcapping=2.0, pad_token_id=tokenizer.pad_token_id)
+    model = Gemma2ForCausalLM(config).eval()
+    batch = _sampled(model, tokenizer, n=2, max_new_tokens=8, seed=6)
+    whole = _scored(model, batch, 1, True)
+    chunked = _scored(model, batch, 1, True, logits_chunk_bytes=3 * 4 * len(tokenizer))
+    _assert_same_scores(chunked, whole)
+    monkeypatch.setattr("dph.rollout._LOGIT_TRANSFORMS", ())
+    with pytest.raises(RuntimeError, match="transforms its logits"):
+        token_logprobs(model, batch, TEMPERATURE, logits_chunk_bytes=3 * 4 * len(tokenizer))
