@@ -234,6 +234,77 @@ def test_verifier_bugs_raise():
         task.score(problem([3, 5, 7], 22), None)
 
 
+# --- what real models write --------------------------------------------------------------------
+
+INSTRUCT = OmegaConf.load(CONFIG.parents[1] / "prompt" / "instruct.yaml").prompt.templates.countdown
+
+
+@pytest.fixture(scope="module")
+def instruct() -> Countdown:
+    """The task with the `instruct` prompt (TinyZero's), as real models are asked."""
+    return build_task({**config(), "prompt_template": INSTRUCT, "format_reward": 0.1})
+
+
+REASONING = [  # responses to [3, 5, 7] -> 22 in the forms instruction and reasoning models write
+    ("Let me solve this step by step.\n<think> 3*5 = 15, 15 + 7 = 22 </think>\n<answer> 3*5+7 </answer>",
+     "correct", "3*5+7"),
+    ("<think>\nTry 3+5+7 = 15: too small.\n<answer>3+5+7</answer> is a draft.\nTry 3*5+7 = 22.\n</think>\n"
+     "<answer>3 * 5 + 7</answer>", "correct", "3*5+7"),  # a draft inside <think> never counts
+    ("<think>\nsums first\n</think>\n<answer>3+5+7</answer>\nWait, that is 15, not 22.\n<answer>(3*5)+7 = 22</answer>",
+     "correct", "(3*5)+7"),  # a draft answer then a corrected one: the last counts
+    ("<answer>3*5+7</answer>\nHmm, or maybe\n<answer>3+5+7</answer>", "wrong", "3+5+7"),  # even when worse
+    ("<answer>\n  7 + 5 * 3\n</answer><|im_end|>", "correct", "7+5*3"),  # the tag's inside spans lines
+    ("<think>\n3*5+7 = 22\n</think>\nThe answer is 3*5+7.", "invalid", None),  # no tag: the first line (empty)
+    ("<think>\nMaybe <answer>3*5+7</answer>, let me check", "invalid", None),  # still thinking: nothing final
+    ("<think>\n3*5+7\n</think>\n<answer>3*5+7", "invalid", None),  # the tag never closed
+    ("<ANSWER>3*5+7</ANSWER>", "invalid", "<ANSWER>3*5+7</ANSWER>"),  # tags are lower case (TinyZero)
+    ("3*5+7\nThat uses each number once: 3*5 = 15 and 15 + 7 = 22.", "correct", "3*5+7"),  # the embedded format
+]
+
+
+@pytest.mark.parametrize("response, status, answer", REASONING)
+def test_reasoning_responses_are_read_as_tinyzero_does(task, instruct, response, status, answer):
+    for t in (task, instruct):  # every template reads the same (finished) response the same way
+        score = t.score(problem([3, 5, 7], 22), response)
+        assert (score.status, score.answer) == (status, answer), t.prompt_template[:10]
+
+
+@pytest.mark.parametrize("response, plain, real", [
+    ("<think>\n3*5 = 15\n15+7 = 22\n</think>\n<answer>3*5+7</answer>", "correct", "correct"),  # a closed tag
+    ("3*5+7\nCheck: 3*5 = 15, and 15 + ", "correct", "invalid"),  # no tag: only the embedded format reads it
+    ("3*5+7", "correct", "invalid"),  # the tiny model cut mid-line: read as before in the embedded default
+    ("<think>\nLet me try 3*5+7", "invalid", "invalid"),
+    ("<answer>3*5+7</answer> is it? Let me verify: 3*5 = ", "correct", "correct"),
+    ("3*5+", "invalid", "invalid"),
+])
+def test_truncated_responses_count_only_a_closed_answer_tag(task, instruct, response, plain, real):
+    """finished=False (cut at max_new_tokens): the plain prompt (the embedded default) reads as before."""
+    assert task.score(problem([3, 5, 7], 22), response, finished=False).status == plain
+    assert instruct.score(problem([3, 5, 7], 22), response, finished=False).status == real
+    assert task.score(problem([3, 5, 7], 22), response).status == task.score(
+        problem([3, 5, 7], 22), response, finished=True).status
+
+
+@pytest.mark.parametrize("response, status, reward", [
+    ("<answer>3*5+7</answer>", "correct", 1.0),
+    ("<answer>3+5+7</answer>", "wrong", 0.1),  # well formed, wrong: the format reward
+    ("<think>x</think>\n<answer>3*5+7 = 23</answer>", "wrong", 0.1),
+    ("3+5+7", "wrong", 0.0),  # wrong, and not in the asked-for <answer> tags
+    ("<answer>3+3+7</answer>", "invalid", 0.0),  # breaks a rule (3 reused): no format reward
+    ("<answer>3 + five</answer>", "invalid", 0.0),
+    ("", "invalid", 0.0),
+])
+def test_format_reward_only_for_a_tagged_wrong_answer(instruct, response, status, reward):
+    score = instruct.score(problem([3, 5, 7], 22), response)
+    assert (score.status, score.reward) == (status, reward)
+
+
+@pytest.mark.parametrize("value", [1.0, -0.1, True, "0.1", None])
+def test_bad_format_reward_is_one_line(value):
+    with pytest.raises(ValueError, match=r"^task.format_reward=.* must be a number in \[0, 1\)"):
+        build_task({**config(), "format_reward": value})
+
+
 # --- solver ------------------------------------------------------------------------------------
 
 

@@ -377,6 +377,95 @@ def test_the_yaml_builds_the_embedded_task():
         task.problems("dev")
 
 
+# --- what real models write ----------------------------------------------------------------------
+
+INSTRUCT = OmegaConf.load(ROOT / "conf" / "prompt" / "instruct.yaml").prompt.templates.math
+
+
+@pytest.fixture(scope="module")
+def gsm8k() -> MathTask:
+    """Real data (the GSM8K fixture) with a format reward; test problem 0's answer is 180."""
+    task = real_task("gsm8k", FIXTURES / "gsm8k", format_reward=0.1)
+    assert task.problems("test")[0].data["answer"] == "180"
+    yield task
+    task.close()
+
+
+@pytest.mark.parametrize("response, status", [
+    ("<think>\nThe train goes 60 miles each hour. Maybe \\boxed{120}? No, it runs 3 hours.\n60*3 = 180\n</think>\n"
+     "It travels 60 \\times 3 = 180 miles.\n\n\\boxed{180}", "correct"),  # DeepSeek-R1 style
+    ("<think>\nSo \\boxed{120}.\n</think>\nIt travels 180 miles.", "correct"),  # a box inside <think> is a draft
+    ("Step 1: the speed is 60 mph.\nStep 2: the time is 3 h.\nStep 3: 60 \\times 3 = 180.\n\n"
+     "The final answer is $\\boxed{180}$.", "correct"),  # Qwen-math style
+    ("It travels 60*3 = 180 miles.\n#### 180", "correct"),  # GSM8K style
+    ("It travels 60*3 = 180 miles.\n#### 180 miles", "correct"),
+    ("\\boxed{180}. Let me double check: 60+60+60 = 180, and 2 more checks.", "correct"),  # the box wins
+    ("First guess: \\boxed{120}\nWait, 3 hours: \\boxed{180}", "correct"),  # a draft box then the final one
+    ("\\boxed{180}\nHmm, actually \\boxed{120}", "wrong"),  # the last box counts even when worse
+    ("The answer is 180 miles, not 200.", "wrong"),  # no box, no ####: the last number (the stated rule)
+    ("<think>\n60*3 = 180, so \\boxed{180}", "invalid"),  # never left <think>: nothing final
+    ("", "invalid"),
+])
+def test_reasoning_responses(gsm8k, response, status):
+    assert gsm8k.score(gsm8k.problems("test")[0], response).status == status
+
+
+@pytest.mark.parametrize("response, status", [
+    ("It travels 60*3 = 180 miles. \\boxed{180}. Let me verify: 60 * 3 = ", "correct"),  # a closed box counts
+    ("Step 1: 60 * 3 = 180. Step 2: 180 + ", "invalid"),  # no final answer: the last number is not read
+    ("It travels 60*3 = 180 miles.\n#### 180\nThat is", "correct"),
+    ("It travels 60*3 = 180 miles.\n#### 180", "invalid"),  # the #### line may have been cut (1800?)
+    ("It travels \\boxed{18", "invalid"),
+])
+def test_truncated_responses_count_only_a_complete_final_answer(gsm8k, response, status):
+    assert gsm8k.score(gsm8k.problems("test")[0], response, finished=False).status == status
+
+
+def test_the_embedded_default_reads_truncated_responses_as_before(task):
+    """The issue's example: a cut-off "Step 1: 48/2 = 24. Step 2: 24 + " is no answer (invalid) for
+    any other prompt or data; in the embedded default (the tiny model's one-line answers) it reads 24
+    as before, whatever `finished` says."""
+    response, cut = "Step 1: 48/2 = 24. Step 2: 24 + ", "3*4=12, 12-5=7, 7+1=8, 8+"
+    instruct = MathTask(**SMALL, prompt_template=INSTRUCT)
+    for t, expected in ((task, ("correct", "wrong")), (instruct, ("invalid", "invalid"))):
+        assert (t.score(problem("24"), response, finished=False).status,
+                t.score(problem("7"), cut, finished=False).status) == expected
+        assert t.score(problem("24"), response).status == "correct"  # finished: the last number, as before
+    instruct.close()
+
+
+def test_format_reward_only_for_a_marked_wrong_answer(gsm8k):
+    p = gsm8k.problems("test")[0]
+    for response, status, reward in [
+        ("\\boxed{180}", "correct", 1.0),
+        ("It is 60+3 = 63. \\boxed{63}", "wrong", 0.1),
+        ("It is 60+3 = 63.\n#### 63", "wrong", 0.1),
+        ("It is 60+3 = 63.", "wrong", 0.0),  # the last number: not the asked-for format
+        ("\\boxed{}", "invalid", 0.0),
+        ("\\boxed{3", "invalid", 0.0),
+    ]:
+        score = gsm8k.score(p, response)
+        assert (score.status, score.reward) == (status, reward), response
+    with pytest.raises(ValueError, match=r"task.format_reward=1 must be a number in \[0, 1\)"):
+        MathTask(**SMALL, format_reward=1)
+
+
+def test_distinct_correct_answers_are_computation_paths_on_real_data(gsm8k, task):
+    """Real data: Score.answer is the numbers a solution writes, in order (its computation), so two
+    wordings of one computation are one answer and another computation is another; embedded data:
+    the whole response (whitespace collapsed), as before."""
+    p = gsm8k.problems("test")[0]
+    answers = [gsm8k.score(p, r).answer for r in (
+        "It travels 60*3 = 180 miles.\n#### 180",
+        "Each hour adds 60 miles; over 3 hours that is 60 * 3 = 180 miles.\n#### 180",
+        "<think>\nHmm, 1 hour is 60 miles, 2 hours 120.\n</think>\nIt travels 60*3 = 180 miles. \\boxed{180}",
+        "60 + 60 + 60 = 180\n#### 180",
+        "It travels 3*60 = 180 miles.\n#### 180",
+    )]
+    assert answers == ["60 3 180", "60 3 180", "60 3 180", "60 180", "3 60 180"]
+    assert task.score(problem("7"), "3*4=12,  12-5=7").answer == "3*4=12, 12-5=7"
+
+
 # --- dph-train -----------------------------------------------------------------------------------
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import pickle
 import random
@@ -10,13 +11,13 @@ import re
 import shutil
 import sqlite3
 import statistics
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
 
-from dph.tasks import Problem, VerifierError, build_task
+from dph.tasks import Problem, VerifierError, build_task, sql_sandbox
 from dph.tasks.sql import SQLTask
 from dph.tasks.sql_embedded import (
     OOD_SCHEMAS,
@@ -204,6 +205,136 @@ def test_results_compare_as_multisets_with_rounded_floats():
     assert not results_match([(1,), (2,)], [(2,), (1,)], ordered=True)
     assert not results_match([(1,), (2,)], [(1,), (2,), (2,)], ordered=False)
     assert results_match([(1500, 0.1 + 0.2)], [(1500.0, 0.3)], ordered=True)
+
+
+@pytest.mark.parametrize("rows, cols, values", [(2, 2, 2), (3, 2, 2), (2, 3, 2), (1, 3, 3), (0, 2, 2)])
+@pytest.mark.parametrize("ordered", [False, True])
+def test_compare_rules_equal_their_definitions_on_every_small_table(rows, cols, values, ordered):
+    """Every pair of tables of this shape: multiset, set and column_permutation against brute force."""
+    cells = list(itertools.product(range(values), repeat=cols))
+    tables = [list(t) for t in itertools.product(cells, repeat=rows)]
+    for pred, gold in itertools.product(tables, repeat=2):
+        same = (lambda a, b: a == b) if ordered else (lambda a, b: Counter(a) == Counter(b))
+        assert results_match(pred, gold, ordered) is same(pred, gold)
+        assert results_match(pred, gold, ordered, "multiset") is same(pred, gold)
+        assert results_match(pred, gold, ordered, "set") is (set(pred) == set(gold))
+        permuted = any(same([tuple(r[i] for i in p) for r in pred], gold) for p in itertools.permutations(range(cols)))
+        assert results_match(pred, gold, ordered, "column_permutation") is permuted, (pred, gold)
+
+
+def test_column_permutation_gives_up_past_its_budget(monkeypatch):
+    gold = [(1, "a", 2.5), (2, "b", 3.5)]
+    pred = [(2.5, "a", 1), (3.5, "b", 2)]
+    assert results_match(pred, gold, False, "column_permutation") is True
+    assert results_match([(1, 2, 3)] * 4, [(3, 2, 1)] * 4, False, "column_permutation") is True
+    monkeypatch.setattr(sql_sandbox, "PERMUTATION_ROWS", 1)  # a search that needs more work than this gives up
+    assert results_match(pred, gold, False, "column_permutation") is None
+    assert results_match(gold, gold, False, "column_permutation") is True  # the identity needs no search
+
+
+def test_compare_rules_through_score(tmp_path, monkeypatch):
+    tasks = {rule: SQLTask(cache_dir=str(tmp_path), compare=rule, **SMALL) for rule in sql_sandbox.COMPARE_RULES}
+    cases = [  # gold, prediction, verdict under multiset / set / column_permutation
+        ("SELECT name, salary FROM emp", "SELECT salary, name FROM emp", ("wrong", "wrong", "correct")),
+        ("SELECT dept FROM emp", "SELECT DISTINCT dept FROM emp", ("wrong", "correct", "wrong")),
+        ("SELECT name FROM emp ORDER BY salary DESC", "SELECT name FROM emp", ("wrong", "correct", "wrong")),
+        ("SELECT name, age FROM emp ORDER BY salary", "SELECT age, name FROM emp ORDER BY salary",
+         ("wrong", "wrong", "correct")),
+        ("SELECT name, age FROM emp ORDER BY salary", "SELECT age, name FROM emp ORDER BY age",
+         ("wrong", "wrong", "wrong")),
+        ("SELECT name FROM emp", "SELECT name FROM emp ORDER BY name", ("correct", "correct", "correct")),
+        ("SELECT name FROM emp", "SELECT name, name FROM emp", ("wrong", "wrong", "wrong")),
+    ]
+    for gold, pred, verdicts in cases:
+        for rule, verdict in zip(("multiset", "set", "column_permutation"), verdicts, strict=True):
+            problem = company_problem(tasks[rule], gold)
+            assert tasks[rule].score(problem, pred).status == verdict, (rule, gold, pred)
+    monkeypatch.setattr(sql_sandbox, "PERMUTATION_ROWS", 1)
+    score = tasks["column_permutation"].score(company_problem(tasks["multiset"], cases[0][0]), cases[0][1])
+    assert (score.status, score.reward) == ("timeout", 0.0)  # the search gave up: counted, never a guess
+    with pytest.raises(ValueError, match=r"^task.compare='bird' is not a rule; choose one of \['multiset', 'set', "):
+        SQLTask(cache_dir=str(tmp_path), compare="bird", **SMALL)
+    assert "compare" not in tasks["multiset"].fingerprint()  # the default: the caches of before
+    assert tasks["set"].fingerprint() == {**tasks["multiset"].fingerprint(), "compare": "set"}
+
+
+INSTRUCT = OmegaConf.load(ROOT / "conf" / "prompt" / "instruct.yaml").prompt.templates.sql
+
+
+@pytest.fixture(scope="module")
+def instruct(tmp_path_factory) -> SQLTask:
+    """The task with the `instruct` (OmniSQL) prompt and a format reward, as real models are asked."""
+    return SQLTask(cache_dir=str(tmp_path_factory.mktemp("sql-instruct")), prompt_template=INSTRUCT,
+                   format_reward=0.1, timeout_s=0.2, **SMALL)
+
+
+def real_responses(v: int) -> list[tuple[str, str]]:
+    """(response, status) for the question "names of emp with salary > v", as real models write them."""
+    right, wrong = f"SELECT name FROM emp WHERE salary > {v}", "SELECT name FROM emp"
+    return [
+        (f"Let me think step by step.\nThe salaries are in emp.\n```sql\n{right};\n```", "correct"),
+        (f"<think>\nFirst try:\n```sql\n{wrong}\n```\nNo, it needs a filter.\n</think>\n```sql\n{right}\n```", "correct"),
+        (f"<think>\n```sql\n{right}\n```\n</think>\nThe query above answers the question.", "invalid"),  # a draft only
+        (f"```sql\n{wrong}\n```\nWait, the question filters by salary:\n```sql\n{right}\n```", "correct"),
+        (f"```sql\n{right}\n```\nOr simply:\n```sql\n{wrong}\n```", "wrong"),  # the last block counts
+        (f"```python\nimport sqlite3\nrows = conn.execute('{wrong}')\n```\n```sql\n{right}\n```", "correct"),
+        (f"```python\nprint('{right}')\n```", "invalid"),  # another language is never SQL
+        (f"```bash\nsqlite3 company.sqlite '{right}'\n```", "invalid"),
+        (f"```\n{right}\n```", "invalid"),  # untagged: not read (DPH-RL reads ```sql)
+        (f"```SQL\n{right}\n```", "correct"),
+        (f"```sqlite\n{right}\n```", "correct"),
+        (f"```sql {right}```", "correct"),
+        (f"```sql\n-- names above {v}\nSELECT name\nFROM emp\nWHERE salary > {v};\n```", "correct"),
+        (f"I filter emp by salary.\n<answer>{right}</answer>", "correct"),
+        (f"<answer>{wrong}</answer>\n```sql\n{right}\n```", "correct"),  # a fence before a tag
+        (f"{right}\nThis selects the names.", "correct"),  # the embedded format: the first line
+        (f"To answer this, filter emp.\n{right}", "invalid"),  # prose first, no fence: the first line is prose
+    ]
+
+
+def test_real_model_responses(task, instruct):
+    v = company_rows(task, "SELECT salary FROM emp ORDER BY salary LIMIT 1 OFFSET 5")[0][0]
+    for t in (task, instruct):
+        problem = company_problem(t, f"SELECT name FROM emp WHERE salary > {v}")
+        for response, status in real_responses(v):
+            assert t.score(problem, response).status == status, response
+
+
+def test_truncated_responses_count_only_a_closed_fence_or_tag(task, instruct):
+    v = company_rows(task, "SELECT salary FROM emp ORDER BY salary LIMIT 1 OFFSET 5")[0][0]
+    right, wrong = f"SELECT name FROM emp WHERE salary > {v}", "SELECT name FROM emp"
+    cases = [  # response, finished=False under plain (embedded default) / instruct, finished=True
+        (f"```sql\n{right}\n```\nThis query selects", "correct", "correct", "correct"),
+        (f"```sql\n{right}", "correct", "invalid", "correct"),  # a fence left open: only when the turn ended
+        (f"<answer>{right}", "correct", "invalid", "correct"),
+        (f"```sql\n{wrong}\n```\nBetter:\n```sql\n{right[:-3]}", "invalid", "wrong", "invalid"),  # the closed one
+        (f"{right}\nThis returns the", "correct", "invalid", "correct"),  # the first line: embedded format only
+        (right[:-len(str(v))] + "1", "wrong", "invalid", "wrong"),  # the tiny model cut mid-query: as before
+        (f"<think>\nThe filter is salary > {v}, so\n```sql\n{right}\n```", "invalid", "invalid", "invalid"),
+    ]
+    for response, plain, real, done in cases:
+        problem = company_problem(task, f"SELECT name FROM emp WHERE salary > {v}")
+        assert task.score(problem, response, finished=False).status == plain, response
+        assert instruct.score(problem, response, finished=False).status == real, response
+        assert instruct.score(problem, response, finished=True).status == done, response
+
+
+def test_format_reward_only_for_a_marked_wrong_query(instruct):
+    problem = company_problem(instruct, "SELECT name FROM emp WHERE salary > 60")
+    for response, status, reward in [
+        ("```sql\nSELECT name FROM emp WHERE salary > 60\n```", "correct", 1.0),
+        ("```sql\nSELECT name FROM emp\n```", "wrong", 0.1),
+        ("<answer>SELECT name FROM emp</answer>", "wrong", 0.1),
+        ("SELECT name FROM emp", "wrong", 0.0),  # the first line: not the asked-for fence
+        ("```sql\nSELECT nope FROM emp\n```", "invalid", 0.0),
+        ("```sql\nDELETE FROM emp\n```", "invalid", 0.0),
+        ("```sql\nWITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT count(*) FROM c\n```",
+         "timeout", 0.0),
+    ]:
+        score = instruct.score(problem, response)
+        assert (score.status, score.reward) == (status, reward), response
+    with pytest.raises(ValueError, match=r"task.format_reward=2"):
+        SQLTask(format_reward=2, **SMALL)
 
 
 def test_a_failing_gold_query_or_database_is_a_verifier_error(task, tmp_path):

@@ -125,12 +125,17 @@ def check_template(task: str, template: object, sample: Mapping[str, object]) ->
     if not isinstance(template, str):
         raise ValueError(f"{key}={template!r} must be a string ({fix})")
     try:
-        for name in template_fields(template):
-            if name not in sample:
-                raise ValueError(f"unknown field {{{name}}}" if name else "an empty field {}")
+        names = template_fields(template)
+    except ValueError as e:  # Formatter's own words, e.g. "Single '}' encountered in format string"
+        raise ValueError(f"{key}: a stray brace in the template ({e}); {fix}") from None
+    for name in names:
+        if name not in sample:
+            raise ValueError(f"{key}: {f'unknown field {{{name}}}' if name else 'an empty field {}'} in the "
+                             f"template; {fix}")
+    try:
         template.format(**sample)
     except (ValueError, KeyError, IndexError, AttributeError, TypeError) as e:
-        raise ValueError(f"{key}: {e} in the template; {fix}") from None
+        raise ValueError(f"{key}: the template does not format ({type(e).__name__}: {e}); {fix}") from None
     return template
 
 
