@@ -50,6 +50,10 @@ def setup(cfg: DictConfig):
     for label in labels:
         name, split = split_eval_spec(label, task.name)
         eval_sets.append(EvalSet(label, tasks[name], split))
+        size, wanted = len(tasks[name].problems(split)), cfg.eval.max_prompts
+        if wanted is not None and size < wanted:
+            log.warning("eval.max_prompts=%d is more than the %d prompts of %s: evaluating all %d", wanted, size,
+                        label, size)
     return task, eval_sets
 
 

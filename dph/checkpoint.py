@@ -38,7 +38,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from dph.config import ConfigError
+from safetensors import SafetensorError
+
+from dph.config import ConfigError, RunError
 from dph.fileio import checksum_problem, checksums, write_text_atomic
 
 log = logging.getLogger(__name__)
@@ -216,13 +218,19 @@ class Checkpointer:
                 shutil.rmtree(stale, ignore_errors=True)
             tmp.mkdir(parents=True)
         self.acc.wait_for_everyone()
-        with _quiet_accelerate():
-            self.acc.save_state(str(tmp))
-        self.acc.wait_for_everyone()
-        if self.acc.is_main_process:
-            manifest = {"step": step, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "config": self.config,
-                        "files": checksums(tmp, exclude=[MANIFEST])}
-            write_text_atomic(tmp / MANIFEST, json.dumps(manifest, indent=1, default=str))
+        try:
+            with _quiet_accelerate():
+                self.acc.save_state(str(tmp))
+            self.acc.wait_for_everyone()
+            if self.acc.is_main_process:
+                manifest = {"step": step, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "config": self.config,
+                            "files": checksums(tmp, exclude=[MANIFEST])}
+                write_text_atomic(tmp / MANIFEST, json.dumps(manifest, indent=1, default=str))
+        except (OSError, RuntimeError, SafetensorError) as e:  # a full disk, a quota, a file size limit
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise RunError(f"checkpoint: could not write {tmp} ({type(e).__name__}: {_first_line(e)}): free space "
+                           f"on that disk (or set trainer.keep_checkpoints=1, or trainer.checkpoint_every=0); run the "
+                           "same command again to resume from the last complete checkpoint") from e
             if target.exists():  # the same step again (a resumed run re-saving): replace it
                 shutil.rmtree(target)
             tmp.rename(target)
@@ -236,6 +244,10 @@ class Checkpointer:
     def load(self, directory: Path) -> None:
         with _quiet_accelerate():
             self.acc.load_state(str(directory), **({"strict": False} if self.trainable_only else {}))
+
+
+def _first_line(error: BaseException) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else ""
 
 
 def _keep_trainable_weights(models: list, weights: list[dict], output_dir: str) -> None:

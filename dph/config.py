@@ -202,6 +202,12 @@ def _check_algorithm(cfg: DictConfig) -> None:
     _num(cfg, "algorithm.top_entropy_quantile", low=0, high=1, low_open=True, allow_none=True)
     _num(cfg, "algorithm.epochs", kind=int, low=1)
     _num(cfg, "algorithm.minibatches", kind=int, low=1)
+    _bool(cfg, "algorithm.mask_truncated")
+    buffer = _num(cfg, "algorithm.overlong_buffer", kind=int, low=0)
+    _num(cfg, "algorithm.overlong_penalty", low=0)
+    if buffer > cfg.generation.max_new_tokens:
+        raise ConfigError(f"algorithm.overlong_buffer={buffer} is longer than generation.max_new_tokens="
+                          f"{cfg.generation.max_new_tokens}: use a buffer inside the length cap (DAPO: 4096 of 20480)")
 
 
 def _check_trainer(cfg: DictConfig) -> None:

@@ -72,7 +72,8 @@ class Rehearsal:
         """D_exp, with the split logged; an empty side of the split stops the run with the fix."""
         counts = self.data.manifest["counts"]
         if counts["reference_samples"] == 0:
-            best = max((float(rate) for rate in self.data.manifest.get("pass_rate_histogram", {})), default=0.0)
+            histogram = self.data.manifest["pass_rate_histogram"]  # "c/n" -> prompts with c of n correct
+            best = max((int(k.split("/")[0]) / self.n for k, count in histogram.items() if count), default=0.0)
             raise RunError(
                 f"presample: no training prompt reached presample.threshold={self.threshold} with presample.n="
                 f"{self.n} (best pass rate {best:g}), so DPH has nothing to rehearse: lower presample.threshold "

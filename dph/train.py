@@ -72,7 +72,10 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             trainer.logger.finish(0 if ok else 1)
             metrics_file = run_dir / "metrics.jsonl"
             if metrics_file.exists():
-                plot_run(load_metrics(metrics_file), run_dir)
+                try:
+                    plot_run(load_metrics(metrics_file), run_dir)
+                except OSError as e:  # e.g. a full disk: the run's own error matters more
+                    log.warning("could not write the plots of %s: %s", run_dir, e)
         trainer.close()
     if pruned is not None:
         raise pruned

@@ -41,10 +41,12 @@ from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf
 from optuna.trial import TrialState
 
+from dph.config import ConfigError, RunError
 from dph.pruning import (JOURNAL_FILE, PRUNER_ATTR, StorageError, absolute_storage, build_pruner,
                          check_storage_driver, display_storage, is_rdb_url, open_storage)
 from dph.sweep_report import (FAIL_REASON_ATTR, INTERRUPTED_ATTR, JOB_DIR_ATTR, OVERRIDES_ATTR, counts_toward_n_trials,
                               write_report)
+from dph.tasks import VerifierError
 
 from ._errors import SweepConfigError
 from ._heartbeat import Heartbeats
@@ -371,8 +373,11 @@ class OptunaSweeperImpl(Sweeper):
             log.info("trial %d pruned: %s", trial.number, error)
             return TrialState.PRUNED
         reason = f"{type(error).__name__}: {error}"
+        # a refused config or a run that could not go on is one line; anything else comes with its traceback
+        expected = isinstance(error, (ConfigError, RunError, VerifierError))
         log.error("trial %d failed: %s", trial.number, reason,
-                  exc_info=(type(error), error, error.__traceback__) if isinstance(error, BaseException) else None)
+                  exc_info=(type(error), error, error.__traceback__)
+                  if isinstance(error, BaseException) and not expected else None)
         return self._fail(study, trial.number, reason)
 
     def _fail(self, study: optuna.Study, number: int, reason: str, interrupted: bool = False) -> TrialState:
