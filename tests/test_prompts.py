@@ -150,7 +150,8 @@ def test_sql_evidence_goes_where_the_template_says(tmp_path):
     assert prompts("{evidence}\n{question}")[1] == f"{hint}\n{question}"
     assert prompts("{evidence}\n{question}")[0] == "\nHow many schools are in Alameda County?"  # it has none
     assert prompts("[{evidence}] {question}", evidence=False)[1] == f"[] {question}"
-    assert prompts("{schema}")[0] == "schools(CDSCode,School,County,`Free Meal Count`) satscores(cds,AvgScrMath,NumTstTakr)"
+    schema = "schools(CDSCode,School,County,`Free Meal Count`) satscores(cds,AvgScrMath,NumTstTakr)"
+    assert prompts("{schema}")[0] == schema
 
 
 def test_create_tables_shows_types_keys_and_example_values(tmp_path):
@@ -172,7 +173,9 @@ def test_create_tables_shows_types_keys_and_example_values(tmp_path):
         ");")
     spider = sql_fixture("spider", tmp_path)
     pets = create_tables(str(spider / "database" / "pets_mini" / "pets_mini.sqlite"))
-    assert "    PetType VARCHAR(20), -- example: ['cat', 'dog']\n" in pets and "weight REAL, -- example: [12.0, 13.4, 9.3]" in pets
+    assert "    PetType VARCHAR(20), -- example: ['cat', 'dog']\n" in pets
+    assert "    weight REAL -- example: [12.0, 13.4, 9.3]\n    PRIMARY KEY" not in pets  # commas between items
+    assert "    weight REAL, -- example: [12.0, 13.4, 9.3]\n    PRIMARY KEY (PetID)\n);" in pets
 
 
 @pytest.mark.parametrize("name, fields", [

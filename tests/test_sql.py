@@ -273,7 +273,8 @@ def real_responses(v: int) -> list[tuple[str, str]]:
     right, wrong = f"SELECT name FROM emp WHERE salary > {v}", "SELECT name FROM emp"
     return [
         (f"Let me think step by step.\nThe salaries are in emp.\n```sql\n{right};\n```", "correct"),
-        (f"<think>\nFirst try:\n```sql\n{wrong}\n```\nNo, it needs a filter.\n</think>\n```sql\n{right}\n```", "correct"),
+        (f"<think>\nFirst try:\n```sql\n{wrong}\n```\nNo, it needs a filter.\n</think>\n```sql\n{right}\n```",
+         "correct"),
         (f"<think>\n```sql\n{right}\n```\n</think>\nThe query above answers the question.", "invalid"),  # a draft only
         (f"```sql\n{wrong}\n```\nWait, the question filters by salary:\n```sql\n{right}\n```", "correct"),
         (f"```sql\n{right}\n```\nOr simply:\n```sql\n{wrong}\n```", "wrong"),  # the last block counts

@@ -196,7 +196,8 @@ class SQLTask(Task):
                 keep = sorted(self._rng(f"{self.source}/{split}").sample(range(len(examples)), size))
                 examples = [examples[i] for i in keep]
             return [
-                Problem(f"{split}/{ex.index}", self.prompt(schema_hint(ex.db_path), ex.db_path, ex.question, ex.evidence),
+                Problem(f"{split}/{ex.index}",
+                        self.prompt(schema_hint(ex.db_path), ex.db_path, ex.question, ex.evidence),
                         {"db_id": ex.db_id, "db_path": ex.db_path, "gold": ex.gold,
                          "ordered": has_top_level_order_by(ex.gold)})
                 for ex in examples
