@@ -324,6 +324,7 @@ def eval_labels(cfg: DictConfig, task_splits: dict[str, tuple[str, ...]]) -> lis
     _num(cfg, "eval.n", kind=int, low=1)
     _num(cfg, "eval.max_prompts", kind=int, low=1, allow_none=True)
     _num(cfg, "eval.sample_rows", kind=int, low=0)
+    _bool(cfg, "eval.cache_initial")
     splits = OmegaConf.select(cfg, "eval.splits")
     if not OmegaConf.is_list(splits) or len(splits) == 0:
         raise ConfigError(f"eval.splits={splits!r} is not allowed: give a non-empty list, e.g. [test, ood]")

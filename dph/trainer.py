@@ -47,7 +47,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from dph import builders, checkpoint, divergences, policy_losses
+from dph import builders, checkpoint, divergences, eval_cache, policy_losses
 from dph.accumulator import MetricAccumulator
 from dph.advantages import get_advantage
 from dph.config import ConfigError
@@ -227,7 +227,12 @@ class Trainer:
         t = time.perf_counter()
         initial = {label: [PromptResult(i, c, tuple(a)) for i, c, a in rows]
                    for label, rows in self.state.initial_results.items()} or None
-        result = self.evaluator.run(self.synced_engine(), self.learner.policy, step, initial)
+        run = lambda: self.evaluator.run(self.synced_engine(), self.learner.policy, step, initial)  # noqa: E731
+        if initial is None and self.cfg.eval.cache_initial and self.ranks.count == 1:  # the initial policy's
+            spec = eval_cache.eval_spec(self.cfg, model_fingerprint(self.model_dir), self.encode.spec(), self.eval_sets, 1)
+            result = eval_cache.load_or_run(spec, self.cfg.paths.cache_dir, run)
+        else:
+            result = run()
         if initial is None:
             self.state.initial_results = {label: [[r.id, r.correct, list(r.answers)] for r in rows]
                                           for label, rows in result.results.items()}
