@@ -209,22 +209,27 @@ def device_of(cfg: DictConfig) -> str:
 # ---------------------------------------------------------------------------------------- CLI
 
 
-def cli(prog: str, output_dir: Path, fn: Callable[[], T], *, multirun: bool = False) -> T:
-    """Run `fn`; a refused config or a run that cannot go on is one line on stderr and exit 2 (config)
-    or 1 (run), its traceback only in the job's log file. In a multirun the error is raised instead,
-    so that the sweeper records the job as failed and goes on."""
+def cli(prog: str, output_dir: Path, fn: Callable[[], T], *, multirun: bool = False, sweeper_records: bool = False
+        ) -> T | None:
+    """Run `fn`; a refused config or a run that cannot go on is one line on stderr (its traceback only in
+    the job's log file), then exit 2 (config) or 1 (run). In a multirun the sweep goes on: the error is
+    raised for a sweeper that records failed trials (`sweeper_records`: dph's Optuna sweeper), and for
+    others (Hydra's basic grid) the job ends with its one line and returns None."""
     from dph.tasks import VerifierError
 
     try:
         return fn()
     except (ConfigError, RunError, VerifierError) as e:
-        if multirun:
+        if multirun and sweeper_records:
             raise
         _traceback_to_log_file(e)
-        remove_if_empty(output_dir)
-        what = "verifier: " if isinstance(e, VerifierError) else ""
-        sys.stderr.write(f"{prog}: error: {what}{_one_line(e)}\n")
+        line = f"{prog}: error: {'verifier: ' if isinstance(e, VerifierError) else ''}{_one_line(e)}"
+        sys.stderr.write(line + "\n")
         sys.stderr.flush()
+        if multirun:
+            log.error("job failed (the sweep goes on): %s", line)
+            return None
+        remove_if_empty(output_dir)
         sys.exit(2 if isinstance(e, ConfigError) else 1)
 
 

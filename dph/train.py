@@ -143,7 +143,10 @@ def objective(cfg: DictConfig, history: dict[str, Any]) -> float | list[float]:
 @hydra.main(version_base="1.3", config_path=str(package_root() / "conf"), config_name="config")
 def main(cfg: DictConfig) -> float | list[float] | None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    summary = cli("dph-train", run_dir, lambda: run(cfg, run_dir), multirun=HydraConfig.get().mode == RunMode.MULTIRUN)
+    summary = cli("dph-train", run_dir, lambda: run(cfg, run_dir), multirun=HydraConfig.get().mode == RunMode.MULTIRUN,
+                  sweeper_records=cfg.get("trial") is not None)
+    if summary is None:  # a multirun job that could not run: the sweep goes on
+        return None
     if int(os.environ.get("RANK", "0")) == 0:
         sys.stdout.write(result_block(summary, run_dir))
         sys.stdout.flush()

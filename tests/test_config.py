@@ -251,3 +251,29 @@ def test_accelerate_presets_load(preset):
         assert config.fsdp_config["fsdp_version"] == 2 and config.fsdp_config["fsdp_reshard_after_forward"] is True
     if preset.startswith("deepspeed"):
         assert config.deepspeed_config["zero_stage"] == int(preset[-1])
+
+
+INERT_ON_POLICY = {"clip_low", "clip_high"}  # the ratio is 1 on the first update: the clip never binds there
+
+
+@pytest.mark.parametrize("grid", ["paper", "baselines_grid"])
+def test_no_grid_method_equals_another_by_construction(grid):
+    """Two methods of a grid whose training configs differ only in what cannot act (the PPO clip of an
+    on-policy update) would give the same row twice: every pair must differ in what the update does."""
+    import itertools
+
+    from omegaconf import OmegaConf
+
+    grid_cfg = OmegaConf.load(ROOT / "sweeps" / f"{grid}.yaml")
+    methods = str(grid_cfg.hydra.sweeper.params.experiment).split(",")
+    trained = {}
+    for method in methods:
+        cfg = compose_config([f"sweep={grid}", f"experiment={method}", "seed=0"], hydra=False)
+        trained[method] = OmegaConf.to_container(OmegaConf.masked_copy(cfg, ["algorithm", "divergence"]), resolve=True)
+    for a, b in itertools.combinations(methods, 2):
+        differ = {k for k in trained[a]["algorithm"] if trained[a]["algorithm"][k] != trained[b]["algorithm"][k]}
+        if trained[a]["divergence"] != trained[b]["divergence"]:
+            differ.add("divergence")
+        on_policy = trained[a]["algorithm"]["epochs"] * trained[a]["algorithm"]["minibatches"] == 1
+        assert differ and not (on_policy and differ <= INERT_ON_POLICY), (a, b, differ)
+    assert len({t["algorithm"]["minibatches"] for t in trained.values()}) == 1  # the same compute for every method

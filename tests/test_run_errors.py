@@ -125,3 +125,23 @@ def test_a_failing_trial_does_not_stop_the_sweep(random_model, tmp_path):
         trials = {row["params_divergence"]: row for row in csv.DictReader(f)}
     assert trials["js"]["state"] == "FAIL" and "nothing to rehearse" in trials["js"]["fail_reason"]
     assert trials["none"]["state"] == "COMPLETE"
+
+
+def test_a_failing_job_does_not_stop_a_grid(random_model, tmp_path):
+    """Hydra's basic sweeper stops a multirun at a job's exception: a job that cannot run ends with its
+    one line instead, and the grid's other jobs run."""
+    sweep_dir = tmp_path / "grid"
+    result = run_cli(["-m", *SMALL, "model=hf", f"model.path={random_model}", "trainer.steps=1",
+                      "trainer.save_model=false", f"paths.cache_dir={tmp_path / 'cache'}", "divergence=js,none",
+                      f"hydra.sweep.dir={sweep_dir}"], env=QUIET, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "nothing to rehearse" in error_line_of_sweep(result)
+    assert not (sweep_dir / "0" / "metrics.jsonl").exists() and read_jsonl(sweep_dir / "1" / "metrics.jsonl")
+
+
+def error_line_of_sweep(result: subprocess.CompletedProcess) -> str:
+    """A sweep that went on: no traceback, and one error line on stderr."""
+    assert "Traceback" not in result.stderr + result.stdout, result.stderr[-3000:]
+    lines = [line for line in result.stderr.splitlines() if line.strip() and not PROGRESS.match(line)]
+    assert len(lines) == 1 and lines[0].startswith("dph-train: error: "), result.stderr[-3000:]
+    return lines[0]
