@@ -365,13 +365,12 @@ def check_environment(cfg: DictConfig) -> None:
 
         if not torch.cuda.is_available():
             raise ConfigError("device=cuda but no CUDA GPU is visible: use device=auto or device=cpu")
-    if cfg.rollout.engine == "vllm":
-        if not vllm_installed():
-            raise ConfigError(VLLM_MISSING)
-        from dph.engines.vllm import check_vllm_install
+    from dph.engines.vllm import check_vllm_install
 
-        problem = check_vllm_install()
-        if problem:
-            raise ConfigError(problem)
+    problem = check_vllm_install()  # CUDA builds of torchvision & co. beside a CPU torch break HF's path too
+    if problem:
+        raise ConfigError(problem)
+    if cfg.rollout.engine == "vllm" and not vllm_installed():
+        raise ConfigError(VLLM_MISSING)
     if cfg.logger.backend == "wandb" and cfg.logger.mode == "online" and not has_wandb_credentials():
         raise ConfigError(ONLINE_NEEDS_CREDENTIALS)
