@@ -15,7 +15,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import BAD_VALUES, TINY_OVERRIDES, compose_config, read_jsonl, run_cli, with_overrides
+from conftest import BAD_VALUES, DPH, ROOT, TINY_OVERRIDES, compose_config, read_jsonl, run_cli, with_overrides
 from dph.metrics import ks_up_to
 from dph.train import objective
 from wandb_records import find_offline_run, read_config, read_history, read_run_info
@@ -211,7 +211,6 @@ def test_two_process_accelerate_run_checkpoints_and_resumes_on_cpu(tiny_model, c
     own RNG state; a run of 2 steps resumed to 3 equals a run of 3 steps."""
     from safetensors.torch import load_file
 
-    from conftest import DPH
 
     base = with_overrides(DPH, "experiment=grpo_kl", "logger=wandb", "device=cpu", "trainer.checkpoint_every=1",
                           "eval.every=1", "optimizer.lr=2e-3", f"paths.cache_dir={cache_dir}")
@@ -237,7 +236,6 @@ def test_two_process_accelerate_run_checkpoints_and_resumes_on_cpu(tiny_model, c
 def test_a_seed_gives_one_result_whether_or_not_the_run_built_its_caches(tmp_path):
     """The RL run's draws do not depend on what was built before it: a run that builds the base model
     and the pre-sampling cache and a run that finds them ready log identical metrics."""
-    from conftest import DPH
 
     cache = tmp_path / "cache"
     runs = []
@@ -279,3 +277,22 @@ def test_a_run_waiting_for_a_build_says_so(tiny_model, cache_dir, tmp_path):
     rest = proc.communicate(timeout=300)[0]
     assert proc.returncode == 0, rest[-3000:]
     assert "Using cached base model" in rest
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["dph_js", "grpo"])
+def test_embedded_default_logs_what_it_logged_before_the_real_model_changes(method, cache_dir, tmp_path):
+    """The embedded default's prompts, stops and verdicts did not change when dph learned to read real
+    models (answer extraction, stop ids, prompt presets, truncation, chunked log-probs) or when the
+    trainer was redesigned: its rows equal those recorded with the code before (tests/fixtures), every
+    metric that existed then; new metrics (e.g. train/truncated_frac) may be added."""
+
+    recorded = json.loads((ROOT / "tests" / "fixtures" / "embedded_default_before.json").read_text())[method]
+    run_dir = tmp_path / "run"
+    result = run_cli([*with_overrides(DPH, "trainer.steps=2", "trainer.save_model=false", "trainer.checkpoint_every=0"),
+                      *recorded["overrides"], f"paths.cache_dir={cache_dir}", f"hydra.run.dir={run_dir}"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = read_jsonl(run_dir / "metrics.jsonl")
+    assert len(rows) == len(recorded["rows"])
+    for row, before in zip(rows, recorded["rows"], strict=True):
+        assert {k: row.get(k) for k in before} == before
