@@ -199,6 +199,24 @@ def build_evaluator(cfg: DictConfig, eval_sets, tokenizer, ranks):
                      max_new_tokens=g.max_new_tokens, micro_batch_size=cfg.trainer.micro_batch_size, seed=cfg.seed)
 
 
+def check_sharding(accelerator, cfg: DictConfig) -> bool:
+    """Whether the policy is sharded over the ranks (FSDP, DeepSpeed): then every rank must run the
+    same number of forward passes, so the per-step counts must split evenly (a ConfigError if not)."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type not in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        return False
+    k = accelerator.num_processes
+    counts = {"trainer.prompts_per_step": cfg.trainer.prompts_per_step, "eval.max_prompts": cfg.eval.max_prompts}
+    if cfg.divergence.get("source") == "reference":
+        counts["divergence.rehearsal_batch_size"] = cfg.divergence.rehearsal_batch_size
+    for key, value in counts.items():
+        if value is None or value % k:
+            raise ConfigError(f"{key}={value} does not split evenly over {k} ranks of a sharded model "
+                              f"({accelerator.distributed_type.value}): use a multiple of {k}")
+    return True
+
+
 def device_of(cfg: DictConfig) -> str:
     """Where a process without an accelerate Accelerator runs the policy (dph-presample)."""
     import torch

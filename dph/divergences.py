@@ -301,3 +301,18 @@ def k1_reward_penalty(logp: Tensor, ref_logp: Tensor, mask: Tensor | None = None
         if mask is not None:
             log_u = torch.where(mask.bool(), log_u, torch.zeros_like(log_u))
         return log_u.sum(dim=-1)
+
+
+def from_config(div_cfg) -> Divergence | None:
+    """The divergence a `divergence` config names, with its generator's own parameters (None for
+    divergence=none); the keys the trainer reads (weight, source, ...) are not the generator's."""
+    from omegaconf import OmegaConf
+
+    from dph.config import DIVERGENCE_RUN_KEYS, REVERSE_KL_KEYS
+
+    if div_cfg.name == "none":
+        return None
+    params = OmegaConf.to_container(div_cfg, resolve=True)
+    for key in (*DIVERGENCE_RUN_KEYS, *REVERSE_KL_KEYS):
+        params.pop(key, None)
+    return get_divergence(div_cfg.name, **params)

@@ -45,6 +45,15 @@ class Objective:
     divergence_form: str = "exact"  # divergence.loss_form (reverse KL on rollouts); else exact
     reverse_kl_estimator: str | None = None
 
+    @classmethod
+    def from_config(cls, cfg, ranks: Ranks) -> Objective:
+        """The objective of a run's `algorithm`, `divergence`, `generation` and `rollout` config."""
+        a, div = cfg.algorithm, cfg.divergence
+        return cls(ranks, policy_losses.get_policy_loss(a.policy_loss), dict(a.policy_loss_params), a.clip_low,
+                   a.clip_high, a.loss_agg, cfg.generation.max_new_tokens, cfg.generation.temperature, a.group_size,
+                   a.top_entropy_quantile, cfg.rollout.tis_cap, divergences.from_config(div), div.weight,
+                   div.get("loss_form", "exact"), div.get("estimator") if div.name == "reverse_kl" else None)
+
     def denominator(self, mask: torch.Tensor) -> float:
         """The aggregation's denominator over all ranks, divided by the world size because DDP
         averages gradients: then the sum of micro-batch losses equals the full-batch loss."""

@@ -45,12 +45,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from dph import builders, checkpoint, divergences, eval_cache, policy_losses
+from dph import builders, checkpoint, eval_cache
 from dph.accumulator import MetricAccumulator
 from dph.advantages import get_advantage
-from dph.config import ConfigError
 from dph.controllers import EntropyCoefController
 from dph.distributed import Ranks
 from dph.evaluation import EvalSet, PromptResult
@@ -80,9 +79,13 @@ class Trainer:
         self.ranks = Ranks(self.acc)
         log.info("Training on %s with %d process(es)", self.acc.device, self.acc.num_processes)
         policy = self._build_policy_and_engine()
-        self.reference, self.rehearsal, train_problems = self._build_reference_side(policy)
+        try:
+            self.reference, self.rehearsal, train_problems = self._build_reference_side(policy)
+        except BaseException:
+            self.engine.close()  # a run stopped here (e.g. nothing to rehearse) leaves no engine behind
+            raise
         a = cfg.algorithm
-        self.learner = Learner(self.acc, policy, cfg.optimizer, self._objective(), seed=cfg.seed,
+        self.learner = Learner(self.acc, policy, cfg.optimizer, Objective.from_config(cfg, self.ranks), seed=cfg.seed,
                                total_updates=cfg.trainer.steps * a.epochs * a.minibatches, epochs=a.epochs,
                                minibatches=a.minibatches, micro_batch_size=cfg.trainer.micro_batch_size,
                                max_grad_norm=cfg.optimizer.max_grad_norm)
@@ -113,7 +116,7 @@ class Trainer:
         self.encode.check()
         policy = prepare_for_training(policy, cfg.model)
         self.engine = builders.build_rollout_engine(cfg, policy, self.tokenizer, self.model_dir, tasks,
-                                                    sharded=self._check_sharding())
+                                                    sharded=builders.check_sharding(self.acc, cfg))
         return policy
 
     def _build_reference_side(self, policy):
@@ -130,15 +133,6 @@ class Trainer:
                                                 model_fingerprint(self.model_dir), self.cfg)
         return None, rehearsal, rehearsal.exploration_problems(self.task)
 
-    def _objective(self) -> Objective:
-        cfg, a, div = self.cfg, self.cfg.algorithm, self.cfg.divergence
-        divergence = None if div.name == "none" else divergences.get_divergence(div.name, **_div_params(div))
-        return Objective(
-            self.ranks, policy_losses.get_policy_loss(a.policy_loss), dict(a.policy_loss_params), a.clip_low,
-            a.clip_high, a.loss_agg, cfg.generation.max_new_tokens, cfg.generation.temperature, a.group_size,
-            a.top_entropy_quantile, cfg.rollout.tis_cap, divergence, div.weight, div.get("loss_form", "exact"),
-            div.get("estimator") if div.name == "reverse_kl" else None)
-
     def _experience_maker(self) -> ExperienceMaker:
         cfg, div = self.cfg, self.cfg.divergence
         return ExperienceMaker(
@@ -147,23 +141,6 @@ class Trainer:
             self.ranks.index, self.acc.device, self.reference, self.rehearsal,
             self.ranks.share(div.rehearsal_batch_size) if self.rehearsal is not None else 0,
             div.weight if div.get("loss_form") == "k1_reward" else None)
-
-    def _check_sharding(self) -> bool:
-        """Whether the policy is sharded over the ranks (FSDP, DeepSpeed): then every rank must run
-        the same number of forward passes, so the per-step counts must split evenly."""
-        from accelerate.utils import DistributedType
-
-        if self.acc.distributed_type not in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-            return False
-        k, cfg = self.acc.num_processes, self.cfg
-        counts = {"trainer.prompts_per_step": cfg.trainer.prompts_per_step, "eval.max_prompts": cfg.eval.max_prompts}
-        if cfg.divergence.get("source") == "reference":
-            counts["divergence.rehearsal_batch_size"] = cfg.divergence.rehearsal_batch_size
-        for key, value in counts.items():
-            if value is None or value % k:
-                raise ConfigError(f"{key}={value} does not split evenly over {k} ranks of a sharded model "
-                                  f"({self.acc.distributed_type.value}): use a multiple of {k}")
-        return True
 
     # ------------------------------------------------------------------ the algorithm
     def synced_engine(self):
@@ -193,12 +170,17 @@ class Trainer:
         metrics.merge({"time/rollout_s": (t1 - t0, 1.0), "time/update_s": (time.perf_counter() - t1, 1.0)})
         out = self._step_metrics(metrics.reduce(self.ranks), exp)
         self.entropy_coef.update(out["train/entropy"])
-        if self.reference is not None and self.reference.reset_due(step):  # ProRL: the reference is the policy now
+        self._reset_reference(step)
+        return out
+
+    def _reset_reference(self, step: int) -> None:
+        """ProRL: every divergence.reference_reset_every steps the reference becomes the current policy
+        and the optimizer state starts over."""
+        if self.reference is not None and self.reference.reset_due(step):
             self.reference.reset(self.learner.unwrapped_policy)
             self.learner.reset_optimizer_state()
             self.state.extra["reference_reset_step"] = step
             log.info("Step %d: the reference is now the current policy; optimizer state reset", step)
-        return out
 
     def _metric_accumulator(self, exp) -> MetricAccumulator:
         """The step's metrics, the same names on every rank: those of every step, DPH's rehearsal
@@ -297,13 +279,3 @@ class Trainer:
 
     def close(self) -> None:
         self.engine.close()
-
-
-def _div_params(div_cfg: DictConfig) -> dict[str, Any]:
-    """Constructor parameters of a divergence: its config minus the keys the trainer itself uses."""
-    from dph.config import DIVERGENCE_RUN_KEYS, REVERSE_KL_KEYS
-
-    params = OmegaConf.to_container(div_cfg, resolve=True)
-    for key in (*DIVERGENCE_RUN_KEYS, *REVERSE_KL_KEYS):
-        params.pop(key, None)
-    return params
