@@ -147,9 +147,10 @@ def chunked_logprobs_entropy(inputs: torch.Tensor, targets: torch.Tensor, temper
 
     def stats(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         log_p = torch.log_softmax((x if head is None else head(x)).float() / temperature, dim=-1)
-        with torch.set_grad_enabled(entropy_grad and grad):
+        logp = log_p.gather(-1, y.unsqueeze(-1)).squeeze(-1)  # first: the backward's recomputation stops here
+        with torch.set_grad_enabled(entropy_grad and grad):  # unless the entropy has grad too
             entropy = entropy_from_log_probs(log_p)
-        return log_p.gather(-1, y.unsqueeze(-1)).squeeze(-1), entropy
+        return logp, entropy
 
     parts = [checkpoint(stats, x, y, use_reentrant=False) if grad else stats(x, y)
              for x, y in zip(inputs.split(chunk_rows), targets.split(chunk_rows), strict=True)]

@@ -322,3 +322,30 @@ def test_token_logprobs_in_chunks_of_soft_capped_logits(tokenizer, monkeypatch):
     monkeypatch.setattr("dph.rollout._LOGIT_TRANSFORMS", ())
     with pytest.raises(RuntimeError, match="transforms its logits"):
         token_logprobs(model, batch, TEMPERATURE, logits_chunk_bytes=3 * 4 * len(tokenizer))
+
+
+def test_token_logprobs_in_chunks_through_a_ddp_wrapper(tokenizer):
+    """Under DistributedDataParallel (one gloo rank) the forward goes through the wrapper, the output
+    embedding of the wrapped model runs per chunk, and the gradients equal the unwrapped model's."""
+    import torch.distributed as dist
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         pad_token_id=tokenizer.pad_token_id)
+    model = LlamaForCausalLM(config).eval()
+    batch = _sampled(model, tokenizer, n=2, max_new_tokens=8, seed=7)
+    chunk_bytes = 3 * 4 * len(tokenizer)
+    plain = _scored(model, batch, 2, False, logits_chunk_bytes=chunk_bytes)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        wrapped = torch.nn.parallel.DistributedDataParallel(model)
+        wrapped.zero_grad(set_to_none=True)
+        logp, _ = token_logprobs(wrapped, batch, TEMPERATURE, 2, logits_chunk_bytes=chunk_bytes)
+        (logp * torch.linspace(-1, 1, logp.shape[1])).sum().backward()
+        torch.testing.assert_close(logp.detach(), plain[0], rtol=1e-5, atol=1e-5)
+        for name, param in model.named_parameters():
+            torch.testing.assert_close(param.grad, plain[3][name], rtol=1e-4, atol=1e-6)
+    finally:
+        dist.destroy_process_group()
