@@ -167,26 +167,31 @@ def context_length(model) -> int:
 
 
 def engine_context(cfg: DictConfig, policy, encode, tasks: Sequence) -> int:
-    """Tokens per sequence a rollout engine must allocate for: the longest prompt the run can send
-    (every split of every task) plus generation.max_new_tokens, at most the model's context."""
-    if cfg.rollout.engine == "hf":
-        return context_length(policy)  # HF generate allocates per batch: nothing to reserve
+    """Tokens per sequence the run needs: its longest prompt (every split of every task) plus
+    generation.max_new_tokens; more than the model's context length is a ConfigError."""
     longest = max((len(ids) for t in tasks for split in t.split_names
                    for ids in encode([p.prompt for p in t.problems(split)])), default=0)
-    return min(context_length(policy), longest + int(cfg.generation.max_new_tokens))
+    needed, context = longest + int(cfg.generation.max_new_tokens), context_length(policy)
+    if needed > context:
+        raise ConfigError(f"generation.max_new_tokens={cfg.generation.max_new_tokens} after the longest prompt "
+                          f"({longest} tokens) exceeds the model's context length ({context}): lower "
+                          f"generation.max_new_tokens to at most {max(1, context - longest)}")
+    return needed
 
 
 def build_rollout_engine(cfg: DictConfig, policy, tokenizer, model_dir: Path, tasks: Sequence, *,
                          sharded: bool = False):
-    """The rollout engine `rollout.engine` names, sampling from `policy`."""
+    """The rollout engine `rollout.engine` names, sampling from `policy`; vLLM reserves the run's
+    longest prompt plus generation.max_new_tokens per sequence (rollout.vllm.max_model_len overrides)."""
     from dph.engines import build_engine
 
     g = cfg.generation
     max_len = engine_context(cfg, policy, PromptEncoder(cfg, tokenizer), tasks)
-    stop = list(g.get("stop") or [])
-    kwargs = {"stop": stop} if stop else {}
-    return build_engine(cfg.rollout, policy, tokenizer, model_dir=model_dir, batch_size=g.batch_size,
-                        max_model_len=max_len, sharded=sharded, **kwargs)
+    try:
+        return build_engine(cfg.rollout, policy, tokenizer, model_dir=model_dir, batch_size=g.batch_size,
+                            max_model_len=max_len, sharded=sharded, stop=list(g.stop))
+    except ValueError as e:  # settings this model or setup cannot take (one line each)
+        raise ConfigError(str(e)) from e
 
 
 def build_evaluator(cfg: DictConfig, eval_sets, tokenizer, ranks):
