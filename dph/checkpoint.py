@@ -231,6 +231,7 @@ class Checkpointer:
             raise RunError(f"checkpoint: could not write {tmp} ({type(e).__name__}: {_first_line(e)}): free space "
                            f"on that disk (or set trainer.keep_checkpoints=1, or trainer.checkpoint_every=0); run the "
                            "same command again to resume from the last complete checkpoint") from e
+        if self.acc.is_main_process:
             if target.exists():  # the same step again (a resumed run re-saving): replace it
                 shutil.rmtree(target)
             tmp.rename(target)
