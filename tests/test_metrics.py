@@ -124,7 +124,7 @@ def test_metric_names():
     assert eval_metric_names("test", 10) == [
         "eval/test/pass@1", "eval/test/pass@2", "eval/test/pass@4", "eval/test/pass@8",
         "eval/test/pass@10", "eval/test/entropy", "eval/test/reward_mean",
-        "eval/test/distinct_correct", "eval/test/forgotten", "eval/test/newly_solved",
+        "eval/test/distinct_correct", "eval/test/truncated_frac", "eval/test/forgotten", "eval/test/newly_solved",
         "eval/test/solution_coverage",
     ]
     for name in eval_metric_names("sql/ood", 64):  # "<task>/<split>" splits
