@@ -24,7 +24,7 @@ import logging
 import math
 import random
 import string
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,7 @@ from dph.tasks import Task
 
 log = logging.getLogger(__name__)
 
+MODEL_NAMES = ("tiny", "tiny_chat", "hf")  # model.name: built here (tiny, tiny_chat) or a local HF model
 BUILDER_VERSION = 1  # bump when the tiny model's build procedure changes
 SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<bos>", "eos_token": "<eos>", "unk_token": "<unk>"}
 
@@ -76,22 +77,30 @@ BUILD_MANIFEST = "dph_build.json"  # the tiny model's spec, build stats and file
 
 
 def tiny_model_dir(model_cfg: Mapping[str, Any], tasks: Sequence[Task], cache_dir: str | Path) -> Path:
-    """Build the tiny base model (seeded by model.seed) if no valid build is cached; return its directory.
+    """Build the tiny base model (seeded by model.seed) if no valid build is cached; return its directory."""
+    spec = tiny_spec(model_cfg, tasks, model_cfg["seed"])
+    return cached_build("tiny", spec, cache_dir, "the tiny base model", lambda out: _build_tiny(spec, tasks, out))
+
+
+def cached_build(prefix: str, spec: Mapping[str, Any], cache_dir: str | Path, what: str,
+                 build: Callable[[Path], dict[str, Any]]) -> Path:
+    """`<cache_dir>/models/<prefix>-<hash of spec>`, built by `build(tmp_dir) -> stats` unless a valid
+    build is cached there.
 
     A cached build is used only when every file matches the checksums of its manifest; a damaged one
-    (e.g. a truncated model.safetensors) is rebuilt with a warning."""
-    spec = tiny_spec(model_cfg, tasks, model_cfg["seed"])
-    target = Path(cache_dir) / "models" / f"tiny-{fingerprint_hash(spec)}"
-    with building(target, "the tiny base model"):
+    (e.g. a truncated model.safetensors) is rebuilt with a warning. The build runs under a file lock
+    in a temporary directory renamed into place, so parallel runs build once."""
+    target = Path(cache_dir) / "models" / f"{prefix}-{fingerprint_hash(spec)}"
+    with building(target, what):
         problem = _build_problem(target)
         if problem is None:
             log.info("Using cached base model %s", target)
             return target
         if target.exists():
             log.warning("Cached base model %s is not valid (%s): rebuilding it", target, problem)
-        log.info("Building the tiny base model (once per configuration) into %s", target)
+        log.info("Building %s (once per configuration) into %s", what, target)
         with new_dir(target) as tmp:
-            stats = _build_tiny(spec, tasks, tmp)
+            stats = build(tmp)
             manifest = {"spec": spec, "stats": stats, "files": checksums(tmp)}
             write_text_atomic(tmp / BUILD_MANIFEST, json.dumps(manifest, indent=2))
     return target
@@ -142,6 +151,22 @@ def _build_tiny(spec: Mapping[str, Any], tasks: Sequence[Task], out_dir: Path) -
     if not examples:
         raise ValueError("model.warmup: the tasks produced no warm-up example that fits model.architecture.max_positions")
 
+    losses = supervised_warmup(model, examples, warm, rng, lambda m, batch: causal_lm_loss(m, batch, tok.pad_token_id))
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.generation_config.bos_token_id = tok.bos_token_id
+    model.save_pretrained(out_dir)
+    tok.save_pretrained(out_dir)
+    tail = losses[-20:]
+    return {"examples": len(examples), "final_loss": sum(tail) / len(tail), "parameters": model.num_parameters()}
+
+
+def supervised_warmup(model, examples: Sequence[Any], warm: Mapping[str, Any], rng: random.Random,
+                      batch_loss: Callable[[Any, list[Any]], torch.Tensor]) -> list[float]:
+    """Train `model` on `examples`: `warm["steps"]` AdamW steps on `batch_loss(model, batch)` of
+    `warm["batch_size"]` examples drawn without replacement (reshuffled by `rng` each pass), peak lr
+    `warm["lr"]` after a 5% linear warm-up, cosine decay to 5%. Returns the loss of every step; leaves
+    the model in eval mode."""
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=warm["lr"], betas=(0.9, 0.98), weight_decay=0.01)
     steps, bs = warm["steps"], warm["batch_size"]
@@ -161,40 +186,47 @@ def _build_tiny(spec: Mapping[str, Any], tasks: Sequence[Task], out_dir: Path) -
             order += rng.sample(range(len(examples)), len(examples))
         batch = [examples[i] for i in order[:bs]]
         del order[:bs]
-        ids, labels = _pad_batch(batch, tok.pad_token_id)
-        loss = model(input_ids=ids, attention_mask=(labels != -100) | (ids != tok.pad_token_id), labels=labels).loss
+        loss = batch_loss(model, batch)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
-
     model.eval()
-    model.generation_config.pad_token_id = tok.pad_token_id
-    model.generation_config.eos_token_id = tok.eos_token_id
-    model.generation_config.bos_token_id = tok.bos_token_id
-    model.save_pretrained(out_dir)
-    tok.save_pretrained(out_dir)
-    tail = losses[-20:]
-    return {"examples": len(examples), "final_loss": sum(tail) / len(tail), "parameters": model.num_parameters()}
+    return losses
 
 
-def _pad_batch(batch: Sequence[tuple[list[int], int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad token lists; labels are -100 on the prompt and padding (loss on the answer + eos)."""
+def causal_lm_loss(model, batch: Sequence[tuple[list[int], int]], pad_id: int) -> torch.Tensor:
+    """Mean cross-entropy of the tokens after the prompt of (token ids, prompt length) examples."""
+    ids, labels, mask = pad_batch(batch, pad_id)
+    return model(input_ids=ids, attention_mask=mask, labels=labels).loss
+
+
+def pad_batch(batch: Sequence[tuple[list[int], int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded (ids, labels, attention mask): labels are -100 on the prompt and the padding (loss
+    on the answer and its eos), the mask is 1 on every token of a sequence."""
     width = max(len(ids) for ids, _ in batch)
     ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     labels = torch.full((len(batch), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
     for row, (seq, prompt_len) in enumerate(batch):
         ids[row, : len(seq)] = torch.tensor(seq)
         labels[row, prompt_len : len(seq)] = torch.tensor(seq[prompt_len:])
-    return ids, labels
+        mask[row, : len(seq)] = 1
+    return ids, labels, mask
 
 
-def resolve_model_dir(model_cfg: Mapping[str, Any], tasks: Sequence[Task], cache_dir: str | Path) -> Path:
-    """The directory to load the initial policy from (building the tiny model when needed)."""
+def resolve_model_dir(model_cfg: Mapping[str, Any], tasks: Sequence[Task], cache_dir: str | Path, *,
+                      prefill: str = "") -> Path:
+    """The directory to load the initial policy from (building the tiny or tiny_chat model when needed;
+    `prefill`, the prompt preset's assistant prefill, shapes tiny_chat's warm-up prompts)."""
     if model_cfg["name"] == "tiny":
         return tiny_model_dir(model_cfg, tasks, cache_dir)
+    if model_cfg["name"] == "tiny_chat":
+        from dph.chat_model import tiny_chat_model_dir
+
+        return tiny_chat_model_dir(model_cfg, tasks, cache_dir, prefill=prefill)
     return Path(model_cfg["path"]).expanduser()
 
 
@@ -270,14 +302,37 @@ def _dtype(name: str, device: torch.device | str) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
-def encode_prompts(tokenizer, prompts: Sequence[str], chat_template: bool) -> list[list[int]]:
-    """Token ids of each prompt (with bos where the tokenizer uses one; chat-wrapped if asked)."""
-    if chat_template:
-        return [
-            tokenizer.apply_chat_template(
-                [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True, return_dict=False
-            )
-            for p in prompts
-        ]
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    return [bos + tokenizer.encode(p, add_special_tokens=False) for p in prompts]
+def chat_template_enabled(tokenizer, chat_template: str | bool) -> bool:
+    """Whether prompts are wrapped in the tokenizer's chat template: model.chat_template is auto (when
+    the tokenizer has one), true (it must have one) or false."""
+    if not (isinstance(chat_template, bool) or chat_template == "auto"):
+        raise ValueError(f"model.chat_template={chat_template!r} must be auto, true or false")
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if chat_template is True and not has_template:
+        raise ValueError("model.chat_template=true but this model's tokenizer has no chat template: "
+                         "use model.chat_template=auto (raw prompts) or a model whose tokenizer has one")
+    return has_template if chat_template == "auto" else bool(chat_template)
+
+
+def encode_prompts(tokenizer, prompts: Sequence[str], chat_template: str | bool, *, system_prompt: str | None = None,
+                   prefill: str = "", chat_template_kwargs: Mapping[str, Any] | None = None) -> list[list[int]]:
+    """Token ids of each prompt as the policy sees it.
+
+    With the chat template (`chat_template_enabled`): the messages [system (when `system_prompt`),
+    user], rendered with the generation prompt (`apply_chat_template(..., add_generation_prompt=True,
+    **chat_template_kwargs)`), then `prefill` appended as text, the whole encoded without added
+    special tokens (the template writes its own). Without: bos (where the tokenizer has one) and the
+    raw prompt + `prefill`. A system prompt needs a chat template (ValueError before any work).
+    """
+    wrap = chat_template_enabled(tokenizer, chat_template)
+    if system_prompt is not None and not wrap:
+        raise ValueError("model.system_prompt is set but prompts are not wrapped in a chat template (this model's "
+                         "tokenizer has none, or model.chat_template=false): set model.system_prompt=null")
+    if not wrap:
+        bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+        return [bos + tokenizer.encode(p + prefill, add_special_tokens=False) for p in prompts]
+    head = [{"role": "system", "content": system_prompt}] if system_prompt is not None else []
+    kwargs = dict(chat_template_kwargs or {})
+    texts = [tokenizer.apply_chat_template([*head, {"role": "user", "content": p}], add_generation_prompt=True,
+                                           tokenize=False, **kwargs) + prefill for p in prompts]
+    return [tokenizer.encode(text, add_special_tokens=False) for text in texts]

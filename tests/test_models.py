@@ -63,6 +63,30 @@ def test_char_tokenizer_round_trips_offline(tmp_path):
     assert encode_prompts(loaded, ["12"], chat_template=False) == [[loaded.bos_token_id, *ids[1:3]]]
 
 
+def test_encode_prompts_without_a_chat_template_is_the_raw_prompt():
+    """The tiny model's tokenizer has no chat template: auto leaves its prompts as they were (bos +
+    characters), a prefill is appended as text, and asking for a template or a system prompt is a
+    one-line error naming the key."""
+    tok = char_tokenizer()
+    prompts = ["3 5 7 -> 22: ", "1 -> ", ""]
+    raw = [[tok.bos_token_id, *tok.encode(p, add_special_tokens=False)] for p in prompts]
+    assert encode_prompts(tok, prompts, "auto") == raw
+    assert encode_prompts(tok, prompts, False, chat_template_kwargs={"enable_thinking": False}) == raw
+    with_prefill = [tok.bos_token_id, *tok.encode("1 -> <a>", add_special_tokens=False)]
+    assert encode_prompts(tok, ["1 -> "], "auto", prefill="<a>") == [with_prefill]
+    with pytest.raises(ValueError, match="model.chat_template=true .* use model.chat_template=auto"):
+        encode_prompts(tok, prompts, True)
+    with pytest.raises(ValueError, match="model.system_prompt is set .* set model.system_prompt=null"):
+        encode_prompts(tok, prompts, "auto", system_prompt="Be brief.")
+    with pytest.raises(ValueError, match="model.chat_template='yes' must be auto, true or false"):
+        encode_prompts(tok, prompts, "yes")
+
+
+def test_the_tiny_build_does_not_depend_on_the_chat_keys(countdown):
+    chat = {**MICRO, "chat_template": "auto", "system_prompt": None, "chat_template_kwargs": {}}
+    assert tiny_spec(chat, [countdown], 0) == tiny_spec(MICRO, [countdown], 0)
+
+
 def test_tiny_build_is_cached_by_hash(tmp_path, countdown, caplog):
     caplog.set_level(logging.INFO, logger="dph.models")
     first = resolve_model_dir(MICRO, [countdown], tmp_path)

@@ -564,3 +564,13 @@ class Countdown(Task):
             "warmup_splits": list(self.warmup_splits),
             "splits": {name: asdict(spec) for name, spec in self.specs.items()},
         }
+
+    def reasoning_demonstrations(self, problem: Problem, n: int, rng: random.Random) -> list[str]:
+        """Up to `n` correct responses as instruction models write them (the `instruct` preset): in
+        `<think>`, the goal, a solution drawn at random and its check, one per line, then
+        `<answer>EXPR</answer>`. No intermediate values: the lines restate what the prompt and the
+        solution hold, which a small model warmed up in minutes can learn."""
+        numbers, target = problem.data["numbers"], problem.data["target"]
+        goal = f"We need {target} from {', '.join(map(str, numbers))}."
+        return [f"<think>\n{goal}\nTry {expression}.\n{expression} = {target}\n</think>\n<answer>{expression}</answer>"
+                for expression in self.demonstrations(problem, n, rng)]

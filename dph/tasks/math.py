@@ -284,3 +284,22 @@ class MathTask(Task):
             self.status_counts[status] += 1
             self.verifier_counts[source] += 1
         return Score(verdict_reward(status, marked, self.format_reward), answer, status)
+
+    def reasoning_demonstrations(self, problem: Problem, n: int, rng: random.Random) -> list[str]:
+        """Up to `n` correct responses as instruction models write them (the `instruct` preset): the
+        steps of a solution one per line, then `So the answer is $\\boxed{F}$.` (embedded: an opening
+        line, then a path that ends in a box, F as written there; real data: the record's solution, a
+        `#### N` ending boxed)."""
+        if "template" in problem.data:
+            boxed = [s.rsplit(". \\boxed{", 1) for s in self.solutions(problem) if ". \\boxed{" in s]
+            picked = rng.sample(boxed, min(n, len(boxed)))
+            opening = "Let me compute it step by step."
+            return ["\n".join([opening, *path.split(", "), f"So the answer is $\\boxed{{{box}$."])
+                    for path, box in picked]
+        responses = []
+        for solution in self.demonstrations(problem, n, rng):
+            if "\\boxed" not in solution:
+                solution = solution.rpartition("####")[0].rstrip() or solution
+                solution += f"\nSo the answer is $\\boxed{{{problem.data['answer']}}}$."
+            responses.append(solution)
+        return responses

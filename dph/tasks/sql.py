@@ -300,3 +300,22 @@ class SQLTask(Task):
         with self._lock:
             self.status_counts[status] += 1
         return Score(verdict_reward(status, marked, self.format_reward), answer, status)
+
+    def reasoning_demonstrations(self, problem: Problem, n: int, rng: random.Random) -> list[str]:
+        """Up to `n` correct responses as instruction models write them (the `instruct` preset): a few
+        lines on the tables and clauses a correct query (drawn at random) needs, then that query in a
+        ```sql fence, ending with a semicolon."""
+        clauses = (("join", "JOIN links the tables on their key."),
+                   ("where", "WHERE keeps the rows the question asks about."),
+                   ("group", "GROUP BY makes one row per group."), ("order", "ORDER BY sorts the rows."),
+                   ("limit", "LIMIT keeps only the first rows."), ("distinct", "DISTINCT drops repeated values."))
+        responses = []
+        for sql in self.demonstrations(problem, n, rng):
+            words = sql.replace("(", " ( ").replace(")", " ) ").lower().split()
+            tables = list(dict.fromkeys(words[i + 1] for i, word in enumerate(words[:-1])
+                                        if word in ("from", "join") and words[i + 1] != "("))
+            lines = ["Let me think step by step.",
+                     f"The data is in the table{'s' if len(tables) > 1 else ''} {' and '.join(tables)}."]
+            lines += [text for word, text in clauses if word in words]
+            responses.append("\n".join(lines) + f"\n```sql\n{sql};\n```")
+        return responses
