@@ -35,11 +35,11 @@ def _kill_on(owner, name: str, count: int) -> None:
 def main() -> None:
     point, count = sys.argv[1], int(sys.argv[2])
     sys.argv = ["dph-train", *sys.argv[3:]]
-    from dph import checkpoint, evaluation, train, trainer
+    from dph import checkpoint, evaluation, learner, train, trainer
 
     owner, name = {
         "train_step": (trainer.Trainer, "train_step"),
-        "update": (trainer.Trainer, "_update"),
+        "update": (learner.Learner, "_step"),
         "evaluate": (evaluation.Evaluator, "_split"),
         "checkpoint": (checkpoint, "checksums"),
     }[point]

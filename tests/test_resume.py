@@ -21,7 +21,8 @@ pytestmark = pytest.mark.slow
 
 # 4 steps, two minibatches (old log-probs, minibatch shuffling), checkpoints at 2 and 4, evaluations at 0, 2, 4.
 BASE = with_overrides(DPH, "trainer.steps=4", "trainer.checkpoint_every=2", "eval.every=2", "algorithm.minibatches=2",
-                      "trainer.prompts_per_step=8", "optimizer.lr=2e-3")
+                      "trainer.prompts_per_step=8", "optimizer.lr=2e-3",
+                      "eval.cache_initial=false")  # every evaluation runs, so the kill points count them all
 # (method overrides, where the first attempt is killed: point, count) -- see tests/kill_at.py
 CASES = {
     "grpo": (["experiment=grpo"], ("update", 5)),  # inside step 3, after checkpoint 2 (two updates per step)
