@@ -137,13 +137,15 @@ class PromptEncoder:
             "chat_template_kwargs": OmegaConf.to_container(kwargs, resolve=True) if kwargs else None,
         }
 
-    def check(self) -> None:
-        """Encode one prompt now, so that options this tokenizer cannot honour (a system prompt without a
-        chat template) are a ConfigError before any work."""
+    def check(self, example: str = "check") -> None:
+        """Encode `example` now, so that options this tokenizer cannot honour (a system prompt without a
+        chat template) are a ConfigError before any work; log it as the policy sees it (special tokens
+        and all), which shows at a glance whether the chat template and prefill are what the model expects."""
         try:
-            self(["check"])
+            [ids] = self([example])
         except ValueError as e:
             raise ConfigError(str(e)) from e
+        log.info("A prompt as the policy sees it (%d tokens): %r", len(ids), self.tokenizer.decode(ids))
 
     def __call__(self, prompts: Sequence[str]) -> list[list[int]]:
         from dph.models import encode_prompts
@@ -254,6 +256,18 @@ def cli(prog: str, output_dir: Path, fn: Callable[[], T], *, multirun: bool = Fa
             return None
         remove_if_empty(output_dir)
         sys.exit(2 if isinstance(e, ConfigError) else 1)
+
+
+def check_command_line(prog: str) -> None:
+    """An unknown option of a config group on the command line (dph.config.check_group_choices) is one
+    line on stderr and exit 2, before Hydra starts."""
+    from dph.config import check_group_choices
+
+    try:
+        check_group_choices(sys.argv[1:], package_root() / "conf")
+    except ConfigError as e:
+        sys.stderr.write(f"{prog}: error: {_one_line(e)}\n")
+        sys.exit(2)
 
 
 def _one_line(error: BaseException) -> str:

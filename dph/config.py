@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import inspect
 import logging
+import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +34,24 @@ def package_root() -> Path:
     """The checkout that holds conf/ and outputs/ (the current directory for a non-editable install)."""
     root = Path(dph.__file__).resolve().parents[1]
     return root if (root / "conf").is_dir() else Path.cwd()
+
+
+def check_group_choices(args: Sequence[str], conf_dir: Path) -> None:
+    """Refuse an unknown option of one of dph's config groups on the command line (`prompt=nope`,
+    `-m divergence=js,nope`) with the group's options, in one line before Hydra composes (Hydra's
+    own message spans lines). Hydra's groups (`hydra/...`), `+key@package=` forms and sweep
+    functions such as `choice(...)` are left to Hydra."""
+    for arg in args:
+        key, sep, value = arg.partition("=")
+        key = key.lstrip("+~")
+        if (arg.startswith("-") or not sep or "@" in key or key.startswith("hydra") or not (conf_dir / key).is_dir()
+                or not re.fullmatch(r"[\w.-]+(,[\w.-]+)*", value)):
+            continue
+        options = sorted(p.stem for p in (conf_dir / key).glob("*.yaml"))
+        for option in value.split(","):
+            if option not in (*options, "null"):
+                raise ConfigError(f"{key}={option}: no such option of the config group {key}: use one of "
+                                  f"{', '.join(options)} (conf/{key}/)")
 
 
 def register_resolvers() -> None:

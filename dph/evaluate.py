@@ -180,8 +180,16 @@ def evaluate_models(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     return out
 
 
+def main() -> None:
+    """`dph-eval`: an unknown option of a config group is one line before Hydra starts; then `eval_main`."""
+    from dph.builders import check_command_line
+
+    check_command_line("dph-eval")
+    eval_main()
+
+
 @hydra.main(version_base="1.3", config_path=str(package_root() / "conf"), config_name="evaluate")
-def main(cfg: DictConfig) -> None:
+def eval_main(cfg: DictConfig) -> None:
     from dph.cluster import prepare_job_process
 
     from dph.builders import cli

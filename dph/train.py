@@ -15,7 +15,8 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from dph.builders import PromptEncoder, build_rollout_engine, cli, device_of, load_initial_policy, run_tasks, setup
+from dph.builders import (PromptEncoder, build_rollout_engine, check_command_line, cli, device_of, load_initial_policy,
+                          run_tasks, setup)
 from dph.config import package_root
 
 log = logging.getLogger(__name__)
@@ -140,8 +141,14 @@ def objective(cfg: DictConfig, history: dict[str, Any]) -> float | list[float]:
     return values[0] if isinstance(wanted, str) else values
 
 
+def main() -> None:
+    """`dph-train`: an unknown option of a config group is one line before Hydra starts; then `train_main`."""
+    check_command_line("dph-train")
+    train_main()
+
+
 @hydra.main(version_base="1.3", config_path=str(package_root() / "conf"), config_name="config")
-def main(cfg: DictConfig) -> float | list[float] | None:
+def train_main(cfg: DictConfig) -> float | list[float] | None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     summary = cli("dph-train", run_dir, lambda: run(cfg, run_dir), multirun=HydraConfig.get().mode == RunMode.MULTIRUN,
                   sweeper_records=cfg.get("trial") is not None)
@@ -163,8 +170,14 @@ class MultirunDirCallback(Callback):
         sys.stdout.flush()
 
 
+def presample_main() -> None:
+    """`dph-presample` (see `presample_job`)."""
+    check_command_line("dph-presample")
+    presample_job()
+
+
 @hydra.main(version_base="1.3", config_path=str(package_root() / "conf"), config_name="config")
-def presample_main(cfg: DictConfig) -> None:
+def presample_job(cfg: DictConfig) -> None:
     """`dph-presample`: only the pre-sampling stage (sample, split, cache) for the composed config.
 
     dph-train runs it by itself when the divergence uses `source: reference` and no valid cache
@@ -187,7 +200,7 @@ def presample(cfg: DictConfig) -> dict[str, Any]:
     tasks = run_tasks(task, eval_sets)
     model_dir, policy, tokenizer = load_initial_policy(cfg, tasks, device_of(cfg))
     encode = PromptEncoder(cfg, tokenizer)
-    encode.check()
+    encode.check(task.problems("train")[0].prompt)
     engine = build_rollout_engine(cfg, policy, tokenizer, model_dir, tasks)
     try:
         rehearsal = Rehearsal.load_or_build(engine, policy, encode, task, model_fingerprint(model_dir), cfg)
