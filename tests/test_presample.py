@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 
 import dph.presample as presample
 from conftest import compose_config
+from dph.builders import PromptEncoder
 from dph.engines.hf import HFEngine
 from dph.models import char_tokenizer, fingerprint_hash
 from dph.presample import MANIFEST_FILE, TENSOR_FILE, load_or_build, presample_spec, split_metrics
@@ -105,14 +106,19 @@ def make_cfg(*extra: str):
     return compose_config([*OVERRIDES, *extra])
 
 
+def encoder(cfg) -> PromptEncoder:
+    """How the run encodes prompts (the character tokenizer has no chat template)."""
+    return PromptEncoder(cfg, char_tokenizer())
+
+
 def cache_key(cfg, task: Task | None = None, model_fp: dict = MODEL_FP) -> str:
-    return fingerprint_hash(presample_spec(model_fp, task or ScriptedTask(), cfg))
+    return fingerprint_hash(presample_spec(model_fp, task or ScriptedTask(), cfg, encoder(cfg)))
 
 
 def build(policy, tokenizer, cache_dir: Path, cfg=None, task: Task | None = None):
     task, cfg = task or ScriptedTask(), cfg or make_cfg()
     engine = HFEngine(policy, tokenizer, batch_size=cfg.generation.batch_size)
-    return load_or_build(engine, policy, tokenizer, task, MODEL_FP, cfg, cache_dir), task
+    return load_or_build(engine, policy, PromptEncoder(cfg, tokenizer), task, MODEL_FP, cfg, cache_dir), task
 
 
 @pytest.fixture
@@ -217,7 +223,7 @@ def test_cache_is_deterministic_across_cache_dirs(policy, tokenizer, tmp_path):
     assert (dir_a / TENSOR_FILE).read_bytes() == (dir_b / TENSOR_FILE).read_bytes()
     man_a, man_b = (json.loads((d / MANIFEST_FILE).read_text()) for d in (dir_a, dir_b))
     man_a.pop("created"), man_b.pop("created")
-    assert man_a == man_b and man_a["key"] == key and man_a["spec"] == presample_spec(MODEL_FP, ScriptedTask(), make_cfg())
+    assert man_a == man_b and man_a["key"] == key and man_a["spec"] == presample_spec(MODEL_FP, ScriptedTask(), make_cfg(), encoder(make_cfg()))
 
 
 def test_cache_is_reused_without_sampling(policy, tokenizer, tmp_path, monkeypatch, caplog):
