@@ -88,6 +88,47 @@ def test_an_eval_split_smaller_than_max_prompts_is_evaluated_whole(random_model,
     assert {row["train/step"] for row in rows} == {0, 1} and len(rows) == 16
 
 
+# dph-train whose databases disappear after its first RL step: the files are removed and the SQL sandbox
+# worker restarts (as after a query that ran past its timeout), so the next query opens them again.
+# (Connections already open keep reading a removed file, as SQLite does on POSIX: a removal is noticed
+# when a database is next opened.)
+REMOVE_DATABASES_AFTER_STEP_1 = """
+import shutil, sys
+from dph import train, trainer
+
+db_dir = sys.argv.pop(1)
+sys.argv[0] = "dph-train"
+original, calls = trainer.Trainer.train_step, []
+
+def train_step(self, *args, **kwargs):
+    calls.append(1)
+    if len(calls) == 2:
+        shutil.rmtree(db_dir)
+        self.task.sandbox.close()
+    return original(self, *args, **kwargs)
+
+trainer.Trainer.train_step = train_step
+train.main()
+"""
+
+
+def test_a_sql_database_removed_mid_run(random_model, tmp_path):
+    db_dir, run_dir = tmp_path / "databases", tmp_path / "run"
+    args = ["task=sql", "task.train_size=16", "task.test_size=8", f"task.cache_dir={db_dir}", "model=hf",
+            f"model.path={random_model}", "divergence=none", "trainer.steps=3", "trainer.prompts_per_step=4",
+            "algorithm.group_size=2", "eval.every=0", "eval.n=2", "eval.max_prompts=4", "eval.splits=[test]",
+            "optimized_metric=eval/test/pass@2", "generation.max_new_tokens=8", "trainer.checkpoint_every=1",
+            "logger=none", "device=cpu", f"paths.cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={run_dir}"]
+    result = subprocess.run([sys.executable, "-c", REMOVE_DATABASES_AFTER_STEP_1, str(db_dir), *args],
+                            capture_output=True, text=True, timeout=300, cwd=ROOT,
+                            env={**__import__("os").environ, **QUIET})
+    line = error_line(result)
+    assert re.search(r"sql problem train/\d+: database file not found: .*databases/sql-embedded-v1-seed0/\w+\.sqlite", line)
+    assert f"writes the embedded databases again under task.cache_dir={db_dir}" in line and "resumes" in line
+    assert result.returncode == 1
+    assert [r["train/step"] for r in read_jsonl(run_dir / "metrics.jsonl") if "train/loss" in r] == [1]
+
+
 def _limit_file_size(limit: int):
     def apply() -> None:
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG) instead of killing

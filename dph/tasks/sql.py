@@ -267,7 +267,7 @@ class SQLTask(Task):
         try:
             result = self.sandbox.run(db_path, gold, self.gold_timeout_s, self.max_rows)
         except DatabaseUnavailable as e:
-            raise VerifierError(f"sql problem {problem.id}: {e}") from e
+            raise self._unavailable(problem, e) from e
         if result.status != "ok":
             fix = {"timeout": " (raise task.gold_timeout_s?)"}.get(result.status, "")
             if "max_rows" in result.error:
@@ -280,6 +280,16 @@ class SQLTask(Task):
                 self._gold.popitem(last=False)
         return result.rows
 
+    def _unavailable(self, problem: Problem, error: DatabaseUnavailable) -> VerifierError:
+        """A database that cannot be read (deleted or damaged after the run started): its file and the fix."""
+        if self.source == "embedded":
+            fix = (f"dph writes the embedded databases again under task.cache_dir={self.cache_dir} at the next start: "
+                   "run the same command again (it resumes from the run's last checkpoint)")
+        else:
+            fix = (f"restore it from your copy of {self.source} under task.path={self.path}, then run the same "
+                   "command again (it resumes from the run's last checkpoint)")
+        return VerifierError(f"sql problem {problem.id}: {error}; {fix}")
+
     def score(self, problem: Problem, response: str, *, finished: bool = True) -> Score:
         gold_rows = self._gold_rows(problem)
         sql, marked = extract_sql(response, finished or self.embedded_default)
@@ -288,7 +298,7 @@ class SQLTask(Task):
         try:
             result = self.sandbox.run(problem.data["db_path"], sql, self.timeout_s, self.max_rows)
         except DatabaseUnavailable as e:
-            raise VerifierError(f"sql problem {problem.id}: {e}") from e
+            raise self._unavailable(problem, e) from e
         if result.status == "ok":
             match = results_match(result.rows, gold_rows, problem.data["ordered"], self.compare)
             status = {True: "correct", False: "wrong", None: "timeout"}[match]
