@@ -170,7 +170,7 @@ def build_tiny_chat(spec: Mapping[str, Any], tasks: Sequence[Task], out_dir: Pat
         text = [token for prompt, responses in examples for ids in (prompt, *responses) for token in ids]
         copies = copy_sequences(text, warm["copy_steps"] * COPY_BATCH, rng)
         supervised_warmup(model, copies, {**warm, "steps": warm["copy_steps"], "batch_size": COPY_BATCH}, rng,
-                          lambda m, batch: causal_lm_loss(m, batch, tok.pad_token_id))
+                          lambda m, batch: causal_lm_loss(m, batch, tok.pad_token_id), desc="copy pretraining")
     losses = supervised_warmup(model, examples, warm, rng, lambda m, batch: packed_loss(m, batch, tok.pad_token_id))
     model.generation_config = GenerationConfig(bos_token_id=eos_ids[1], eos_token_id=eos_ids,
                                                pad_token_id=eos_ids[1])

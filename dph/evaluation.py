@@ -12,7 +12,7 @@ rollout engine and scored by the split's verifier. Logged under `eval/<split>/`:
 
 Each evaluation also gives the per-prompt results (correct count and distinct correct answers,
 written to `eval_prompts.jsonl` for statistics over prompts) and a bounded table of sampled
-completions (`eval.sample_rows` per split: prompt, response, reward, verifier status).
+completions (`eval.sample_rows` per split: prompt, response, reward, verifier status, answer, finished).
 
 The samples of a split are seeded by (seed, split, rank) only, the same at every evaluation, so
 that evaluations differ by the policy alone and are reproducible after a resume.
@@ -109,8 +109,9 @@ class Evaluator:
                                     top_p=self.top_p, seed=stage_seed(self.seed, "eval", es.label, self.ranks.index))
             _, entropy = logprobs_no_grad(policy, batch, self.temperature, n, self.micro_batch_size)
             all_scores = score_responses(es.task, mine, batch)
+            finished = finished_flags(batch)
             sums = {"entropy_sum": float(entropy.sum()), "tokens": float(batch.response_mask.sum()),
-                    "truncated": float(sum(not done for done in finished_flags(batch)))}
+                    "truncated": float(sum(not done for done in finished))}
             for i, problem in enumerate(mine):
                 texts, scores = batch.texts[i * n : (i + 1) * n], all_scores[i * n : (i + 1) * n]
                 solved = [s.status == "correct" for s in scores]
@@ -119,7 +120,8 @@ class Evaluator:
                 if len(rows) < self.sample_rows:
                     s = scores[0]
                     rows.append({"prompt_id": problem.id, "prompt": problem.prompt, "response": texts[0],
-                                 "reward": s.reward, "status": s.status, "answer": s.answer})
+                                 "reward": s.reward, "status": s.status, "answer": s.answer,
+                                 "finished": finished[i * n]})
         results = self.ranks.gather(local)
         samples = self.ranks.gather(rows)[: self.sample_rows]
         s = self.ranks.sum(sums)

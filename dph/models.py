@@ -162,7 +162,8 @@ def _build_tiny(spec: Mapping[str, Any], tasks: Sequence[Task], out_dir: Path) -
 
 
 def supervised_warmup(model, examples: Sequence[Any], warm: Mapping[str, Any], rng: random.Random,
-                      batch_loss: Callable[[Any, list[Any]], torch.Tensor]) -> list[float]:
+                      batch_loss: Callable[[Any, list[Any]], torch.Tensor],
+                      desc: str = "base model warm-up") -> list[float]:
     """Train `model` on `examples`: `warm["steps"]` AdamW steps on `batch_loss(model, batch)` of
     `warm["batch_size"]` examples drawn without replacement (reshuffled by `rng` each pass), peak lr
     `warm["lr"]` after a 5% linear warm-up, cosine decay to 5%. Returns the loss of every step; leaves
@@ -181,7 +182,7 @@ def supervised_warmup(model, examples: Sequence[Any], warm: Mapping[str, Any], r
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     order: list[int] = []
     losses = []
-    for _ in tqdm(range(steps), desc="base model warm-up", unit="step"):
+    for _ in tqdm(range(steps), desc=desc, unit="step"):
         if len(order) < bs:
             order += rng.sample(range(len(examples)), len(examples))
         batch = [examples[i] for i in order[:bs]]

