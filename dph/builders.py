@@ -116,7 +116,8 @@ def load_initial_policy(cfg: DictConfig, tasks: Sequence, device) -> tuple[Path,
     the policy loaded on `device`, and its tokenizer."""
     from dph.models import load_policy, resolve_model_dir
 
-    model_dir = resolve_model_dir(cfg.model, tasks, cfg.paths.cache_dir)
+    model_dir = resolve_model_dir(cfg.model, tasks, cfg.paths.cache_dir,
+                                  prefill=OmegaConf.select(cfg, "prompt.prefill", default="") or "")
     policy, tokenizer = load_policy(model_dir, cfg.model, device)
     return model_dir, policy, tokenizer
 

