@@ -24,6 +24,7 @@ import logging
 import math
 import random
 import string
+import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -100,7 +101,9 @@ def cached_build(prefix: str, spec: Mapping[str, Any], cache_dir: str | Path, wh
             log.warning("Cached base model %s is not valid (%s): rebuilding it", target, problem)
         log.info("Building %s (once per configuration) into %s", what, target)
         with new_dir(target) as tmp:
-            stats = build(tmp)
+            start = time.perf_counter()
+            stats = {**build(tmp), "build_s": round(time.perf_counter() - start, 1)}
+            log.info("Built %s in %.0f s", what, stats["build_s"])
             manifest = {"spec": spec, "stats": stats, "files": checksums(tmp)}
             write_text_atomic(tmp / BUILD_MANIFEST, json.dumps(manifest, indent=2))
     return target
