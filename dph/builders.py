@@ -116,10 +116,14 @@ def load_initial_policy(cfg: DictConfig, tasks: Sequence, device) -> tuple[Path,
     the policy loaded on `device`, and its tokenizer."""
     from dph.models import load_policy, resolve_model_dir
 
-    model_dir = resolve_model_dir(cfg.model, tasks, cfg.paths.cache_dir,
-                                  prefill=OmegaConf.select(cfg, "prompt.prefill", default="") or "")
+    model_dir = resolve_model_dir(cfg.model, tasks, cfg.paths.cache_dir, prefill=prompt_prefill(cfg))
     policy, tokenizer = load_policy(model_dir, cfg.model, device)
     return model_dir, policy, tokenizer
+
+
+def prompt_prefill(cfg: DictConfig) -> str:
+    """The text that starts the assistant's turn (the prompt preset's prefill; "" when none)."""
+    return OmegaConf.select(cfg, "prompt.prefill", default="") or ""
 
 
 class PromptEncoder:
@@ -134,11 +138,11 @@ class PromptEncoder:
         self.options = {
             "chat_template": m.chat_template,
             "system_prompt": m.get("system_prompt"),
-            "prefill": OmegaConf.select(cfg, "prompt.prefill", default="") or "",
+            "prefill": prompt_prefill(cfg),
             "chat_template_kwargs": OmegaConf.to_container(kwargs, resolve=True) if kwargs else None,
         }
 
-    def check(self, example: str = "check") -> None:
+    def check(self, example: str) -> None:
         """Encode `example` now, so that options this tokenizer cannot honour (a system prompt without a
         chat template) are a ConfigError before any work; log it as the policy sees it (special tokens
         and all), which shows at a glance whether the chat template and prefill are what the model expects."""

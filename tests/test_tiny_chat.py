@@ -57,10 +57,10 @@ TASKS = {
 FINAL = {"countdown": ("</think>", "<answer>"), "sql": ("```sql",), "math": ("\\boxed{",)}
 
 
-def task(name: str, template: str | None = None, **overrides):
+def task(name: str, **overrides):
     cfg = {**OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "task" / f"{name}.yaml")), **overrides}
     cfg.pop("response_tokens")
-    return build_task({**cfg, "prompt_template": INSTRUCT[name] if template is None else template})
+    return build_task({**cfg, "prompt_template": INSTRUCT[name]})
 
 
 @pytest.fixture(scope="module")
@@ -76,15 +76,20 @@ def countdown_cfg(chat_cache):
 
 
 @pytest.fixture(scope="module")
-def easy_countdown(countdown_cfg):
-    return setup(countdown_cfg)[0]
+def countdown_setup(countdown_cfg):
+    """(the task, the eval sets) of those runs."""
+    return setup(countdown_cfg)
 
 
 @pytest.fixture(scope="module")
-def chat_model_dir(countdown_cfg):
+def easy_countdown(countdown_setup):
+    return countdown_setup[0]
+
+
+@pytest.fixture(scope="module")
+def chat_model_dir(countdown_cfg, countdown_setup):
     """The small build for countdown, made in-process as dph-train makes it (the runs below find it)."""
-    task, eval_sets = setup(countdown_cfg)
-    return resolve_model_dir(countdown_cfg.model, run_tasks(task, eval_sets), countdown_cfg.paths.cache_dir)
+    return resolve_model_dir(countdown_cfg.model, run_tasks(*countdown_setup), countdown_cfg.paths.cache_dir)
 
 
 @pytest.fixture(scope="module")
